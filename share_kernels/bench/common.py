@@ -1,0 +1,109 @@
+"""Timing and reporting helpers shared by the benchmark suites.
+
+GPU timing is ``triton.testing.do_bench`` (median, L2 flushed between calls) over input sets
+rotated so that consecutive calls never reuse the same buffers; CPU timing is the median of
+``time.perf_counter`` over repeated calls. Every suite reports ratios against baselines timed
+in the same run, never absolute targets.
+"""
+from __future__ import annotations
+
+import datetime
+import itertools
+import platform
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rotating(fn: Callable, input_sets: Sequence[tuple]) -> Callable[[], object]:
+    """A no-argument callable that calls ``fn(*s)`` on the next input set each time."""
+    cycle = itertools.cycle(input_sets)
+    return lambda: fn(*next(cycle))
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, min_reps: int = 5, budget_s: float = 1.0) -> float:
+    """Median milliseconds of one call of ``fn``."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=max(int(budget_s * 1000 * 0.5), 100), return_mode="median"))
+    fn()  # warm-up (allocator, first-call dispatch)
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 1000):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Peak device memory allocated during one call of ``fn`` above what was live before (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int | None = None) -> float:
+    """Device-to-same-device copy bandwidth in GB/s (read + write), measured now."""
+    if nbytes is None:
+        nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    n = nbytes // 4
+    src = [torch.empty(n, dtype=torch.float32, device=device).uniform_() for _ in range(2)]
+    dst = torch.empty(n, dtype=torch.float32, device=device)
+    ms = time_ms(rotating(dst.copy_, [(s,) for s in src]), device)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device) -> dict:
+    info = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "absent"
+    return info
+
+
+def fmt(v) -> str:
+    if isinstance(v, float):
+        if v != v:
+            return "n/a"
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Plain-text table over the union of the rows' keys, in first-seen order."""
+    if not rows:
+        return "(no rows)"
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])

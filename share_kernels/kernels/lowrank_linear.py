@@ -1,0 +1,219 @@
+"""Triton kernel for ``y = x @ W.T + bias + (x @ U) @ C`` and its host launcher.
+
+One program computes a BLOCK_M x BLOCK_N tile of y. Its K loop loads each x tile once and
+feeds it to two dots: the base product against a W tile and the low-rank product against a
+U tile, whose result ``t = x @ U`` (BLOCK_M x k) stays in fp32 registers. The epilogue adds
+``t @ C`` and the bias to the accumulator and writes y once: one launch, one pass over y.
+
+The same kernel computes the input gradient of the op, ``dx = dy @ W + (dy @ C.T) @ U.T``,
+by being called with ``weight = W.T``, ``U = C.T``, ``C = U.T`` (strides, not copies); it can
+also write ``t`` (``dy @ C.T``, fp32) so the backward reuses it for ``dU``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._utils import triton_interpreting
+
+#: Largest k the fused kernel keeps in registers; beyond it the launcher is not used (the op
+#: falls back to cuBLAS, see ops/lowrank_linear.py).
+MAX_FUSED_RANK = 128
+
+
+def _config(bm, bn, bk, warps, stages):
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages
+    )
+
+
+# Decode (M <= 64): memory bound on W; small BLOCK_M, wide tiles along N and K so each
+# program streams a long contiguous stretch of W.
+_DECODE = [
+    _config(16, 64, 128, 4, 4),
+    _config(16, 64, 256, 4, 3),
+    _config(16, 128, 128, 4, 4),
+    _config(16, 128, 64, 4, 5),
+    _config(16, 256, 64, 8, 4),
+    _config(32, 64, 128, 4, 4),
+    _config(64, 64, 64, 4, 4),
+]
+# Prefill (M >= 1024): compute bound; large tiles amortise the k-wide U dot over BLOCK_N.
+_PREFILL = [
+    _config(128, 128, 64, 8, 3),
+    _config(128, 256, 64, 8, 3),
+    _config(128, 128, 64, 4, 4),
+    _config(128, 128, 32, 4, 4),
+    _config(256, 128, 64, 8, 3),
+    _config(64, 256, 64, 8, 3),
+]
+# Between the two.
+_MID = [
+    _config(64, 128, 64, 4, 4),
+    _config(64, 64, 64, 4, 4),
+    _config(128, 64, 64, 4, 4),
+    _config(32, 128, 64, 4, 4),
+]
+# Under the interpreter one configuration only: autotuning there would run every config.
+_INTERPRETER = [_config(32, 64, 32, 4, 1)]
+
+
+def _prune(configs, named_args, **kwargs):
+    if len(configs) == 1:
+        return configs
+    m = named_args["M"]
+    if m <= 64:
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] <= 64 and c in _DECODE]
+    elif m >= 1024:
+        keep = [c for c in configs if c in _PREFILL or c in _MID]
+    else:
+        keep = [c for c in configs if c in _MID or c.kwargs["BLOCK_M"] <= 128]
+    return keep or configs
+
+
+def _autotune_configs():
+    return _INTERPRETER if triton_interpreting() else _DECODE + _MID + _PREFILL
+
+
+@triton.autotune(
+    configs=_autotune_configs(),
+    key=["M_BUCKET", "N", "K", "BLOCK_R", "W_K_CONTIG"],
+    prune_configs_by={"early_config_prune": _prune},
+)
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _lowrank_linear_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, u_ptr, c_ptr, y_ptr, t_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_xm, stride_xk,
+    stride_wn, stride_wk,
+    stride_uk, stride_ur,
+    stride_cr, stride_cn,
+    stride_ym, stride_yn,
+    stride_tm, stride_tr,
+    HAS_BIAS: tl.constexpr,
+    STORE_T: tl.constexpr,
+    W_K_CONTIG: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row blocks share each W column block while it is in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Out-of-range rows/columns are wrapped instead of masked in the K loop (the wrapped
+    # values are never stored), so only the K tail needs a mask.
+    rm = offs_m % M
+    rn = offs_n % N
+    r_ok = offs_r < R
+
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + rn[None, :] * stride_wn
+    u_ptrs = u_ptr + offs_k[:, None] * stride_uk + offs_r[None, :] * stride_ur
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+            u = tl.load(u_ptrs, mask=r_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k < K - k0 * BLOCK_K
+            x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+            u = tl.load(u_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        # The one x tile feeds both products.
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        t = tl.dot(x, u, t, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+        u_ptrs += BLOCK_K * stride_uk
+
+    # Epilogue: t stays fp32; C is promoted to fp32 for the k x BLOCK_N product.
+    c_ptrs = c_ptr + offs_r[:, None] * stride_cr + rn[None, :] * stride_cn
+    c = tl.load(c_ptrs, mask=r_ok[:, None], other=0.0).to(tl.float32)
+    acc = tl.dot(t, c, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rn).to(tl.float32)
+        acc += bias[None, :]
+
+    m_ok = offs_m < M
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_n < N)[None, :])
+    if STORE_T:
+        if pid_n == 0:
+            t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
+            tl.store(t_ptrs, t, mask=m_ok[:, None] & r_ok[None, :])
+
+
+def _m_bucket(m: int) -> int:
+    return min(max(triton.next_power_of_2(m), 16), 8192)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs follow ``torch.backends.cuda.matmul.allow_tf32`` as cuBLAS does."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def lowrank_linear_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    U: torch.Tensor,
+    C: torch.Tensor,
+    store_t: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the fused kernel on 2-D operands (any strides).
+
+    x (M, K), weight (N, K), bias (N,) or None, U (K, R), C (R, N), R <= MAX_FUSED_RANK.
+    Returns y (M, N) in x's dtype and, when ``store_t``, ``t = x @ U`` (M, R) in fp32.
+    """
+    M, K = x.shape
+    N = weight.shape[0]
+    R = U.shape[1]
+    if R > MAX_FUSED_RANK:
+        raise ValueError(f"lowrank_linear_forward: k={R} exceeds MAX_FUSED_RANK={MAX_FUSED_RANK}")
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    t = torch.empty((M, R), device=x.device, dtype=torch.float32) if store_t else None
+    if M == 0 or N == 0:
+        if t is not None:
+            t.zero_()
+        return y, t
+    t_arg = t if t is not None else y  # never written when STORE_T is False
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _lowrank_linear_fwd_kernel[grid](
+        x, weight, bias if bias is not None else y, U, C, y, t_arg,
+        M, N, K, R, _m_bucket(M),
+        x.stride(0), x.stride(1),
+        weight.stride(0), weight.stride(1),
+        U.stride(0), U.stride(1),
+        C.stride(0), C.stride(1),
+        y.stride(0), y.stride(1),
+        t_arg.stride(0), t_arg.stride(1),
+        HAS_BIAS=bias is not None,
+        STORE_T=store_t,
+        W_K_CONTIG=weight.stride(1) == 1,
+        BLOCK_R=max(16, triton.next_power_of_2(R)),
+        DOT_PRECISION=dot_precision(x.dtype),
+    )
+    return y, t

@@ -1,0 +1,152 @@
+"""``share_kernels::lowrank_linear``: ``y = F.linear(x, weight, bias) + (x @ U) @ C``.
+
+x (..., d_in), weight (d_out, d_in), bias (d_out,) or None, U (d_in, k), C (k, d_out).
+LoRA is ``U = A.T, C = scale * B.T``; InfLoRA concatenates its branches along k; Share uses
+``C = core_t @ V.T``.
+
+CPU runs :func:`lowrank_linear_reference`; CUDA runs the fused Triton kernel
+(:mod:`share_kernels.kernels.lowrank_linear`). Autograd covers x, U, C, and weight / bias when
+they require grad; the backward is its own op (``lowrank_linear_backward``) so that
+``torch.compile`` sees two opaque nodes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._utils import check_float_dtypes, check_ndim, check_same_device, shape_str, use_triton
+
+_OP = "lowrank_linear"
+
+
+def lowrank_linear_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], U: Tensor, C: Tensor) -> Tensor:
+    """Pure PyTorch in the inputs' dtype: the CPU path and the oracle of tests and benchmarks."""
+    return F.linear(x, weight, bias) + (x @ U) @ C
+
+
+def check_lowrank_linear_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], U: Tensor, C: Tensor) -> None:
+    """ValueError for shapes and devices, TypeError for dtypes, naming the argument and shapes."""
+    check_float_dtypes(_OP, x=x, weight=weight, bias=bias, U=U, C=C)
+    check_same_device(_OP, x=x, weight=weight, bias=bias, U=U, C=C)
+    if x.dim() < 1:
+        raise ValueError(f"{_OP}: x must have shape (..., d_in); got a 0-d tensor")
+    check_ndim(_OP, "weight", weight, 2, "(d_out, d_in)")
+    check_ndim(_OP, "U", U, 2, "(d_in, k)")
+    check_ndim(_OP, "C", C, 2, "(k, d_out)")
+    d_out, d_in = weight.shape
+    if x.shape[-1] != d_in:
+        raise ValueError(
+            f"{_OP}: x's last dimension must equal weight's d_in; got x {shape_str(x)} and weight {shape_str(weight)}"
+        )
+    if U.shape[0] != d_in:
+        raise ValueError(f"{_OP}: U must have shape (d_in={d_in}, k); got U {shape_str(U)} with weight {shape_str(weight)}")
+    if C.shape != (U.shape[1], d_out):
+        raise ValueError(
+            f"{_OP}: C must have shape (k={U.shape[1]}, d_out={d_out}); got C {shape_str(C)} with "
+            f"U {shape_str(U)} and weight {shape_str(weight)}"
+        )
+    if bias is not None and bias.shape != (d_out,):
+        raise ValueError(f"{_OP}: bias must have shape (d_out={d_out},); got bias {shape_str(bias)}")
+
+
+def _fused(x: Tensor, weight: Tensor, U: Tensor) -> bool:
+    from ..kernels.lowrank_linear import MAX_FUSED_RANK
+
+    return use_triton(x, weight, U) and U.shape[1] <= MAX_FUSED_RANK
+
+
+@torch.library.custom_op("share_kernels::lowrank_linear", mutates_args=())
+def _lowrank_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], U: Tensor, C: Tensor) -> Tensor:
+    check_lowrank_linear_inputs(x, weight, bias, U, C)
+    if not _fused(x, weight, U):
+        # k > MAX_FUSED_RANK on CUDA lands here too: cuBLAS, unfused, same math.
+        return lowrank_linear_reference(x, weight, bias, U, C)
+    from ..kernels.lowrank_linear import lowrank_linear_forward
+
+    y, _ = lowrank_linear_forward(x.reshape(-1, x.shape[-1]), weight, bias, U, C)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+@_lowrank_linear_op.register_fake
+def _(x, weight, bias, U, C):
+    check_lowrank_linear_inputs(x, weight, bias, U, C)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("share_kernels::lowrank_linear_backward", mutates_args=())
+def _lowrank_linear_backward_op(
+    grad_out: Tensor, x: Tensor, weight: Tensor, U: Tensor, C: Tensor, needs: list[bool]
+) -> list[Tensor]:
+    """Gradients [dx, dweight, dbias, dU, dC]; an entry not in ``needs`` is an empty tensor.
+
+    dx = dy W + (dy C^T) U^T   (fused kernel on CUDA; it also returns dy C^T in fp32)
+    dU = x^T (dy C^T),  dC = (x U)^T dy,  dW = dy^T x,  db = sum dy
+    Nothing of size M x d is formed besides dx itself.
+    """
+    need_x, need_w, need_b, need_u, need_c = needs
+    d_in = x.shape[-1]
+    d_out = weight.shape[0]
+    g2 = grad_out.reshape(-1, d_out)
+    x2 = x.reshape(-1, d_in)
+    empty = x.new_empty(0)
+    dx = dw = db = du = dc = empty
+    t_g = None  # dy @ C^T, (M, k)
+    if need_x:
+        if _fused(x, weight, U):
+            from ..kernels.lowrank_linear import lowrank_linear_forward
+
+            dx2, t_g = lowrank_linear_forward(g2, weight.t(), None, C.t(), U.t(), store_t=need_u)
+        else:
+            t_g = g2 @ C.t()
+            dx2 = torch.addmm(g2 @ weight, t_g, U.t())
+        dx = dx2.view(x.shape)
+    if need_u:
+        if t_g is None:
+            t_g = g2 @ C.t()
+        du = x2.t() @ t_g.to(x.dtype)
+    if need_c:
+        dc = (x2 @ U).t() @ g2
+    if need_w:
+        dw = g2.t() @ x2
+    if need_b:
+        db = g2.sum(0)
+    return [dx, dw, db, du, dc]
+
+
+@_lowrank_linear_backward_op.register_fake
+def _(grad_out, x, weight, U, C, needs):
+    shapes = [x.shape, weight.shape, weight.shape[:1], U.shape, C.shape]
+    return [x.new_empty(s) if n else x.new_empty(0) for s, n in zip(shapes, needs)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, U, C = inputs
+    ctx.save_for_backward(x, weight, U, C)
+
+
+def _backward(ctx, grad_out):
+    x, weight, U, C = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad]
+    if not any(needs):
+        return None, None, None, None, None
+    grads = torch.ops.share_kernels.lowrank_linear_backward(grad_out, x, weight, U, C, needs)
+    return tuple(g if n else None for g, n in zip(grads, needs))
+
+
+_lowrank_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], U: Tensor, C: Tensor) -> Tensor:
+    """``F.linear(x, weight, bias) + (x @ U) @ C`` as one fused kernel on CUDA.
+
+    Args:
+        x: (..., d_in). weight: (d_out, d_in). bias: (d_out,) or None.
+        U: (d_in, k). C: (k, d_out). All one floating dtype (fp32, fp16, bf16; fp64 runs
+        the reference), one device; any strides.
+    Returns:
+        (..., d_out) in x's dtype; ``x @ U`` is accumulated and kept in fp32 on CUDA.
+    """
+    return torch.ops.share_kernels.lowrank_linear(x, weight, bias, U, C)
