@@ -28,9 +28,12 @@ def _config(bm, bn, bk, warps, stages):
     )
 
 
-# Decode (M <= 64): memory bound on W; small BLOCK_M, wide tiles along N and K so each
-# program streams a long contiguous stretch of W.
+# Decode (M <= 64): memory bound on W; small BLOCK_M and long K tiles so each program
+# streams a contiguous stretch of W. Narrow N tiles (32) give d_out/32 programs, enough to
+# keep every SM of an H100 pulling from HBM at d_out = 4096.
 _DECODE = [
+    _config(16, 32, 128, 4, 4),
+    _config(16, 32, 256, 4, 3),
     _config(16, 64, 128, 4, 4),
     _config(16, 64, 256, 4, 3),
     _config(16, 128, 128, 4, 4),
@@ -92,6 +95,7 @@ def _lowrank_linear_fwd_kernel(
     stride_cr, stride_cn,
     stride_ym, stride_yn,
     stride_tm, stride_tr,
+    stride_b,
     HAS_BIAS: tl.constexpr,
     STORE_T: tl.constexpr,
     W_K_CONTIG: tl.constexpr,
@@ -152,7 +156,7 @@ def _lowrank_linear_fwd_kernel(
     c = tl.load(c_ptrs, mask=r_ok[:, None], other=0.0).to(tl.float32)
     acc = tl.dot(t, c, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
-        bias = tl.load(b_ptr + rn).to(tl.float32)
+        bias = tl.load(b_ptr + rn * stride_b).to(tl.float32)
         acc += bias[None, :]
 
     m_ok = offs_m < M
@@ -210,6 +214,7 @@ def lowrank_linear_forward(
         C.stride(0), C.stride(1),
         y.stride(0), y.stride(1),
         t_arg.stride(0), t_arg.stride(1),
+        bias.stride(0) if bias is not None else 0,
         HAS_BIAS=bias is not None,
         STORE_T=store_t,
         W_K_CONTIG=weight.stride(1) == 1,

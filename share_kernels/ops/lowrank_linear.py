@@ -91,8 +91,8 @@ def _lowrank_linear_backward_op(
     d_out = weight.shape[0]
     g2 = grad_out.reshape(-1, d_out)
     x2 = x.reshape(-1, d_in)
-    empty = x.new_empty(0)
-    dx = dw = db = du = dc = empty
+    # Distinct empties: a custom op's outputs may not alias each other.
+    dx, dw, db, du, dc = (x.new_empty(0) for _ in range(5))
     t_g = None  # dy @ C^T, (M, k)
     if need_x:
         if _fused(x, weight, U):
