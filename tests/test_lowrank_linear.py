@@ -282,3 +282,40 @@ def test_triton_path_really_runs_the_kernel(triton_cpu, monkeypatch):
     x, W, b, U, C = make((6, 20), 12, 3, torch.float32, requires_grad=True)
     share_kernels.lowrank_linear(x, W, b, U, C).sum().backward()
     assert calls == [{}, {"store_t": True}]
+
+
+@pytest.mark.parametrize("M,pool", [(1, "_DECODE"), (64, "_DECODE"), (300, None), (8192, "_PREFILL")])
+@pytest.mark.parametrize("block_r", [16, 64, 128])
+def test_autotune_pruning_by_shape(M, pool, block_r):
+    """The autotuner sees decode configs for M <= 64, prefill (+mid) for M >= 1024, never one whose
+    accumulators exceed the spill limit measured with benchmarks/compile_report.py."""
+    import share_kernels.kernels.lowrank_linear as k
+
+    everything = k._DECODE + k._MID + k._PREFILL
+    kept = k._prune(everything, {"M": M, "BLOCK_R": block_r})
+    assert kept and all(k._fp32_regs_per_thread(c, block_r) <= k._MAX_ACC_REGS for c in kept)
+    if pool == "_DECODE":
+        assert all(c in k._DECODE for c in kept)
+    elif pool == "_PREFILL":
+        assert any(c in k._PREFILL for c in kept) and not any(c in k._DECODE for c in kept)
+    assert k._prune(k._INTERPRETER, {"M": M, "BLOCK_R": block_r}) == k._INTERPRETER
+
+
+def test_kernel_compiles_for_sm90_without_spills():
+    """The real Triton compiler (not the interpreter) builds the kernel for sm_90 with no GPU:
+    catches what the interpreter cannot (lowering errors, register spills)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "compile_report.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--quick", "--dtypes", "bf16", "--ranks", "64"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("lowrank_linear")]
+    assert len(lines) == 2, proc.stdout
+    assert all("spill-stack     0" in ln for ln in lines), proc.stdout
+    assert "wgmma 0" not in lines[1], "the prefill config should use Hopper wgmma"

@@ -37,8 +37,7 @@ _DECODE = [
     _config(16, 64, 128, 4, 4),
     _config(16, 64, 256, 4, 3),
     _config(16, 128, 128, 4, 4),
-    _config(16, 128, 64, 4, 5),
-    _config(16, 256, 64, 8, 4),
+    _config(16, 128, 64, 4, 4),
     _config(32, 64, 128, 4, 4),
     _config(64, 64, 64, 4, 4),
 ]
@@ -54,7 +53,6 @@ _PREFILL = [
 # Between the two.
 _MID = [
     _config(64, 128, 64, 4, 4),
-    _config(64, 64, 64, 4, 4),
     _config(128, 64, 64, 4, 4),
     _config(32, 128, 64, 4, 4),
 ]
@@ -62,16 +60,29 @@ _MID = [
 _INTERPRETER = [_config(32, 64, 32, 4, 1)]
 
 
+def _fp32_regs_per_thread(cfg, block_r: int) -> int:
+    """fp32 accumulator registers per thread: the y tile plus the t = x @ U tile."""
+    return (cfg.kwargs["BLOCK_M"] * (cfg.kwargs["BLOCK_N"] + block_r)) // (32 * cfg.num_warps)
+
+
+# Above this many accumulator registers per thread ptxas spills (benchmarks/compile_report.py,
+# sm_90: BM=128 BN=128 with 4 warps at k=128 spills 768 bytes, with 8 warps it does not).
+_MAX_ACC_REGS = 160
+
+
 def _prune(configs, named_args, **kwargs):
+    """Decode, mid or prefill configs by M; drop those whose accumulators would spill at this k."""
     if len(configs) == 1:
         return configs
     m = named_args["M"]
+    block_r = named_args.get("BLOCK_R", kwargs.get("BLOCK_R", 16))
     if m <= 64:
-        keep = [c for c in configs if c.kwargs["BLOCK_M"] <= 64 and c in _DECODE]
+        pool = _DECODE
     elif m >= 1024:
-        keep = [c for c in configs if c in _PREFILL or c in _MID]
+        pool = _PREFILL + _MID
     else:
-        keep = [c for c in configs if c in _MID or c.kwargs["BLOCK_M"] <= 128]
+        pool = _MID + _DECODE + _PREFILL
+    keep = [c for c in configs if c in pool and _fp32_regs_per_thread(c, block_r) <= _MAX_ACC_REGS]
     return keep or configs
 
 
@@ -101,6 +112,7 @@ def _lowrank_linear_fwd_kernel(
     W_K_CONTIG: tl.constexpr,
     BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SPLIT_T: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -151,10 +163,18 @@ def _lowrank_linear_fwd_kernel(
         w_ptrs += BLOCK_K * stride_wk
         u_ptrs += BLOCK_K * stride_uk
 
-    # Epilogue: t stays fp32; C is promoted to fp32 for the k x BLOCK_N product.
+    # Epilogue: add t @ C with t kept at fp32 accuracy. For fp16/bf16, C is exact in its
+    # dtype, so t is split into a hi and a lo part of that dtype: two 16-bit MMAs give ~16
+    # mantissa bits of t (tf32 would keep 10) and need no fp32 operand tiles.
     c_ptrs = c_ptr + offs_r[:, None] * stride_cr + rn[None, :] * stride_cn
-    c = tl.load(c_ptrs, mask=r_ok[:, None], other=0.0).to(tl.float32)
-    acc = tl.dot(t, c, acc, input_precision=DOT_PRECISION)
+    c = tl.load(c_ptrs, mask=r_ok[:, None], other=0.0)
+    if SPLIT_T:
+        t_hi = t.to(c.dtype)
+        t_lo = (t - t_hi.to(tl.float32)).to(c.dtype)
+        acc = tl.dot(t_hi, c, acc)
+        acc = tl.dot(t_lo, c, acc)
+    else:
+        acc = tl.dot(t, c, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         bias = tl.load(b_ptr + rn * stride_b).to(tl.float32)
         acc += bias[None, :]
@@ -220,5 +240,6 @@ def lowrank_linear_forward(
         W_K_CONTIG=weight.stride(1) == 1,
         BLOCK_R=max(16, triton.next_power_of_2(R)),
         DOT_PRECISION=dot_precision(x.dtype),
+        SPLIT_T=x.dtype != torch.float32,
     )
     return y, t
