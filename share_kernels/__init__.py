@@ -2,7 +2,36 @@
 
 Importing registers the ``torch.ops.share_kernels`` custom ops; it never touches a GPU.
 """
-from .ops import lowrank_linear, lowrank_linear_reference
+from .continual import (
+    AdapterStats,
+    ConsolidationReport,
+    ContinualLearner,
+    ShareConfig,
+    adapter_stats,
+    init_subspace_from_lora,
+    load_adapters,
+    route_tasks,
+    save_adapters,
+    wrap,
+)
+from .nn import ShareLinear
+from .ops import lowrank_linear, lowrank_linear_reference, multi_task_linear_reference
 
 __version__ = "0.1.0"
-__all__ = ["lowrank_linear", "lowrank_linear_reference", "__version__"]
+__all__ = [
+    "AdapterStats",
+    "ConsolidationReport",
+    "ContinualLearner",
+    "ShareConfig",
+    "ShareLinear",
+    "adapter_stats",
+    "init_subspace_from_lora",
+    "load_adapters",
+    "lowrank_linear",
+    "lowrank_linear_reference",
+    "multi_task_linear_reference",
+    "route_tasks",
+    "save_adapters",
+    "wrap",
+    "__version__",
+]

@@ -1,0 +1,371 @@
+"""``ShareLinear``: a frozen ``nn.Linear`` plus one shared low-rank subspace for many tasks.
+
+Shapes: d_in = ``in_features``, d_out = ``out_features``, k = subspace size, p = pseudo-rank.
+
+- Shared bases ``U`` (d_in, k) and ``V`` (d_out, k), orthonormal columns, frozen buffers.
+- Per task ``eps_a[t]``, ``eps_b[t]`` (k, p):  ``dW_t = scale * V eps_b eps_aᵀ Uᵀ`` (d_out, d_in).
+- Forward with one active task: ``lowrank_linear(x, W, b, U, C)``, ``C = scale * (eps_a eps_bᵀ) Vᵀ``.
+- Forward with ``task_ids``: the multi-task product (``multi_task_linear``; its reference until
+  the fused op lands) with ``cores[t] = scale * eps_a[t] eps_b[t]ᵀ``.
+
+The task in training may carry extras that the continual procedure
+(:mod:`share_kernels.continual.share`) folds back into the subspace when the task ends:
+
+- temporary directions (:meth:`ShareLinear.expand`): ``U_tmp`` (d_in, φ), ``V_tmp`` (d_out, φ) and
+  coefficients ``eps_a_tmp``, ``eps_b_tmp`` (φ, p), all trainable. The effective factors are
+  ``A = [U, U_tmp] [eps_a; eps_a_tmp]`` (d_in, p), ``B = [V, V_tmp] [eps_b; eps_b_tmp]`` (d_out, p),
+  ``dW = scale * B Aᵀ``, still one ``lowrank_linear`` call with ``U ← [U, U_tmp]``;
+- a plain LoRA (``add_task(name, lora_rank=r)``, the first task before any subspace exists):
+  ``lora_A`` (r, d_in), ``lora_B`` (d_out, r), ``dW = scale * lora_B lora_A``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..ops.lowrank_linear import lowrank_linear
+from ..ops.multi_task_linear import multi_task_linear_reference
+from .common import check_task_name
+
+
+def random_orthonormal(d: int, n: int, *, against: Optional[Tensor] = None, like: Tensor) -> Tensor:
+    """(d, n) orthonormal columns drawn at random, orthogonal to ``against``'s columns; float64."""
+    g = torch.randn(d, n, dtype=torch.float64, device=like.device)
+    if against is not None and against.shape[1]:
+        a = against.to(torch.float64)
+        for _ in range(2):  # twice: one Gram-Schmidt pass loses orthogonality in rounding
+            g = g - a @ (a.t() @ g)
+    return torch.linalg.qr(g).Q
+
+
+class ShareLinear(nn.Module):
+    """``y = base_layer(x) + scale * (x A) Bᵀ`` for the active task, A, B in a shared subspace.
+
+    The wrapped ``nn.Linear`` is kept as ``base_layer`` (same object, weight untouched, frozen).
+    Coefficients and extras are created frozen; :meth:`set_task` makes the active task's
+    parameters (and only those) trainable. All adapter tensors take the base weight's dtype
+    and device.
+    """
+
+    def __init__(self, base_layer: nn.Linear, k: int = 32, p: int = 8, scale: float = 1.0):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"ShareLinear wraps an nn.Linear; got {type(base_layer).__name__}")
+        for arg, v in (("k", k), ("p", p)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"ShareLinear: {arg} must be a positive int; got {v!r}")
+        if not math.isfinite(scale):
+            raise ValueError(f"ShareLinear: scale must be finite; got {scale!r}")
+        self.base_layer = base_layer.requires_grad_(False)
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        #: the most columns U and V may have (the requested k, capped at min(d_in, d_out))
+        self.max_k = min(k, self.in_features, self.out_features)
+        self.p = p
+        self.scale = float(scale)
+        w = base_layer.weight
+        # Placeholder bases until the continual procedure builds the subspace from LoRA factors
+        # or the first task; a standalone layer trains in them directly.
+        self.register_buffer("U", random_orthonormal(self.in_features, self.max_k, like=w).to(w.dtype))
+        self.register_buffer("V", random_orthonormal(self.out_features, self.max_k, like=w).to(w.dtype))
+        #: True once U, V came from an SVD (LoRA factors or tasks), False for the random placeholder
+        self.subspace_built = False
+        self.eps_a = nn.ParameterDict()
+        self.eps_b = nn.ParameterDict()
+        self._tasks: list[str] = []
+        self.active_task: Optional[str] = None
+        #: the task whose temporary directions or LoRA factors are present, if any
+        self.training_task: Optional[str] = None
+        for name in ("U_tmp", "V_tmp", "eps_a_tmp", "eps_b_tmp", "lora_A", "lora_B"):
+            self.register_parameter(name, None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, k: int = 32, p: int = 8, scale: float = 1.0) -> "ShareLinear":
+        """Wrap ``linear`` without copying or changing its weight; U, V random orthonormal (d, k)."""
+        return cls(linear, k=k, p=p, scale=scale)
+
+    # ----------------------------------------------------------------- tasks
+
+    @property
+    def k(self) -> int:
+        """Current subspace size: the columns of U and V."""
+        return self.U.shape[1]
+
+    @property
+    def tasks(self) -> list[str]:
+        """Task names in the order added; a name's index is its task id."""
+        return list(self._tasks)
+
+    def task_id(self, name: str) -> int:
+        self._check_known(name)
+        return self._tasks.index(name)
+
+    def _check_known(self, name: str) -> None:
+        if name not in self._tasks:
+            raise ValueError(f"unknown task {name!r}; this layer has tasks {self._tasks}")
+
+    def _new_param(self, t: Tensor) -> nn.Parameter:
+        w = self.base_layer.weight
+        return nn.Parameter(t.to(device=w.device, dtype=w.dtype), requires_grad=False)
+
+    def add_task(self, name: str, lora_rank: Optional[int] = None) -> None:
+        """Add task ``name`` (frozen until :meth:`set_task`).
+
+        The first task starts as an exact no-op (``eps_a`` LoRA-style uniform in ±1/√k,
+        ``eps_b = 0``); a later task starts from the previous task's coefficients (forward
+        transfer), so its output equals the previous task's. ``lora_rank=r`` (first task only)
+        trains the task as a plain rank-r LoRA instead (``lora_A`` Kaiming-uniform, ``lora_B = 0``)
+        until the procedure builds the subspace from it.
+        """
+        check_task_name(name)
+        if name in self._tasks:
+            raise ValueError(f"task {name!r} already exists; tasks are {self._tasks}")
+        if self.training_task is not None:
+            raise ValueError(
+                f"task {self.training_task!r} still holds training directions; consolidate it (end_task) "
+                f"before adding {name!r}"
+            )
+        if lora_rank is not None:
+            if self._tasks:
+                raise ValueError(f"lora_rank is only for the first task; this layer has tasks {self._tasks}")
+            r = min(lora_rank, self.in_features, self.out_features)
+            a = torch.empty(r, self.in_features, dtype=torch.float64)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.lora_A = self._new_param(a)
+            self.lora_B = self._new_param(torch.zeros(self.out_features, r))
+            self.training_task = name
+        elif self._tasks:
+            prev = self._tasks[-1]
+            self.eps_a[name] = self._new_param(self.eps_a[prev].detach().clone())
+            self.eps_b[name] = self._new_param(self.eps_b[prev].detach().clone())
+        else:
+            bound = 1.0 / math.sqrt(self.k)
+            self.eps_a[name] = self._new_param(torch.empty(self.k, self.p).uniform_(-bound, bound))
+            self.eps_b[name] = self._new_param(torch.zeros(self.k, self.p))
+        self._tasks.append(name)
+
+    def expand(self, phi: int) -> int:
+        """Give the active task φ temporary directions per factor; returns the φ used.
+
+        ``U_tmp`` (d_in, φ) and ``V_tmp`` (d_out, φ) are random orthonormal directions outside
+        U and V; their coefficients start at zero, so the task's output does not change. φ is
+        capped at ``min(d_in, d_out) - k``.
+        """
+        name = self.active_task
+        if name is None or name != (self._tasks[-1] if self._tasks else None):
+            raise ValueError(f"expand needs the last task added as the active task; active is {name!r}")
+        if self.training_task is not None:
+            raise ValueError(f"task {self.training_task!r} already holds training directions")
+        phi = min(phi, self.in_features - self.k, self.out_features - self.k)
+        if phi <= 0:
+            return 0
+        w = self.base_layer.weight
+        self.U_tmp = self._new_param(random_orthonormal(self.in_features, phi, against=self.U, like=w))
+        self.V_tmp = self._new_param(random_orthonormal(self.out_features, phi, against=self.V, like=w))
+        self.eps_a_tmp = self._new_param(torch.zeros(phi, self.p))
+        self.eps_b_tmp = self._new_param(torch.zeros(phi, self.p))
+        self.training_task = name
+        self.set_task(name)
+        return phi
+
+    def _extras(self) -> list[nn.Parameter]:
+        names = ("U_tmp", "V_tmp", "eps_a_tmp", "eps_b_tmp", "lora_A", "lora_B")
+        return [p for p in (getattr(self, n) for n in names) if p is not None]
+
+    def task_parameters(self, name: str) -> list[nn.Parameter]:
+        """The parameters that train task ``name``: its coefficients and, while it is in
+        training, its temporary directions (or LoRA factors)."""
+        self._check_known(name)
+        params = [self.eps_a[name], self.eps_b[name]] if name in self.eps_a else []
+        return params + (self._extras() if name == self.training_task else [])
+
+    def set_task(self, name: Optional[str]) -> None:
+        """Make ``name`` the task the forward uses (None: the base layer alone) and its
+        parameters the only trainable ones."""
+        if name is not None:
+            self._check_known(name)
+        self.active_task = name
+        for p in [*self.eps_a.values(), *self.eps_b.values(), *self._extras()]:
+            p.requires_grad_(False)
+        if name is not None:
+            for p in self.task_parameters(name):
+                p.requires_grad_(True)
+
+    # ----------------------------------------------------------------- math
+
+    def _factors_in(self, name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(WA, Ea, WB, Eb) with the task's factors ``A = WA Ea``, ``B = WB Eb``."""
+        if name == self.training_task and self.lora_A is not None:
+            eye = torch.eye(self.lora_A.shape[0], dtype=self.lora_A.dtype, device=self.lora_A.device)
+            return self.lora_A.t(), eye, self.lora_B, eye
+        WA, Ea, WB, Eb = self.U, self.eps_a[name], self.V, self.eps_b[name]
+        if name == self.training_task:
+            WA, Ea = torch.cat([WA, self.U_tmp], 1), torch.cat([Ea, self.eps_a_tmp], 0)
+            WB, Eb = torch.cat([WB, self.V_tmp], 1), torch.cat([Eb, self.eps_b_tmp], 0)
+        return WA, Ea, WB, Eb
+
+    def task_factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """(A (d_in, r), B (d_out, r)) with ``delta_weight(name) = scale * B Aᵀ``."""
+        self._check_known(name)
+        WA, Ea, WB, Eb = self._factors_in(name)
+        return WA @ Ea, WB @ Eb
+
+    def delta_weight(self, name: str) -> Tensor:
+        """Task ``name``'s update ``dW`` (d_out, d_in): the forward is ``F.linear(x, W + dW, b)``."""
+        A, B = self.task_factors(name)
+        return self.scale * (B @ A.t())
+
+    def coordinates(self) -> tuple[Tensor, Tensor, dict[str, tuple[Tensor, Tensor]]]:
+        """Every task's factors over one common basis: ``A_t = WA Ea_t``, ``B_t = WB Eb_t``.
+
+        WA = [U, extra] (d_in, k + m), WB = [V, extra] (d_out, k + m), where the extra columns
+        are the training task's temporary directions or LoRA factors (m = 0 without them).
+        """
+        extra_a = self.U_tmp if self.U_tmp is not None else (self.lora_A.t() if self.lora_A is not None else None)
+        extra_b = self.V_tmp if self.V_tmp is not None else self.lora_B
+        if extra_a is None:
+            return self.U, self.V, {t: (self.eps_a[t], self.eps_b[t]) for t in self._tasks}
+        m = extra_a.shape[1]
+        coords = {}
+        for t in self._tasks:
+            if t == self.training_task:
+                _, Ea, _, Eb = self._factors_in(t)
+                if self.lora_A is not None:  # A = lora_Aᵀ = [U, lora_Aᵀ] [0; I]
+                    Ea = torch.cat([Ea.new_zeros(self.k, m), Ea], 0)
+                    Eb = torch.cat([Eb.new_zeros(self.k, m), Eb], 0)
+            else:
+                Ea = torch.cat([self.eps_a[t], self.eps_a[t].new_zeros(m, self.p)], 0)
+                Eb = torch.cat([self.eps_b[t], self.eps_b[t].new_zeros(m, self.p)], 0)
+            coords[t] = (Ea, Eb)
+        return torch.cat([self.U, extra_a], 1), torch.cat([self.V, extra_b], 1), coords
+
+    def set_subspace(self, U: Tensor, V: Tensor, coefficients: dict[str, tuple[Tensor, Tensor]]) -> None:
+        """Install bases U (d_in, k'), V (d_out, k') and every task's ``(eps_a, eps_b)`` (k', p),
+        ``1 <= k' <= max_k``; drops the training task's extras. Task order is unchanged."""
+        kk = U.shape[1] if U.dim() == 2 else -1
+        if U.shape != (self.in_features, kk) or V.shape != (self.out_features, kk) or not 1 <= kk <= self.max_k:
+            raise ValueError(
+                f"set_subspace: U must be (d_in={self.in_features}, k) and V (d_out={self.out_features}, k) with "
+                f"1 <= k <= {self.max_k}; got U {tuple(U.shape)}, V {tuple(V.shape)}"
+            )
+        if set(coefficients) != set(self._tasks):
+            raise ValueError(
+                f"set_subspace: coefficients must cover exactly the tasks {self._tasks}; got {sorted(coefficients)}"
+            )
+        for t, (ea, eb) in coefficients.items():
+            if ea.shape != (kk, self.p) or eb.shape != (kk, self.p):
+                raise ValueError(
+                    f"set_subspace: task {t!r}: eps_a and eps_b must be (k={kk}, p={self.p}); "
+                    f"got {tuple(ea.shape)} and {tuple(eb.shape)}"
+                )
+        w = self.base_layer.weight
+        self.U = U.detach().to(device=w.device, dtype=w.dtype).contiguous()
+        self.V = V.detach().to(device=w.device, dtype=w.dtype).contiguous()
+        for t in self._tasks:
+            ea, eb = coefficients[t]
+            self.eps_a[t] = self._new_param(ea.detach().clone())
+            self.eps_b[t] = self._new_param(eb.detach().clone())
+        for name in ("U_tmp", "V_tmp", "eps_a_tmp", "eps_b_tmp", "lora_A", "lora_B"):
+            setattr(self, name, None)
+        self.training_task = None
+        self.subspace_built = True
+        self.set_task(self.active_task)
+
+    # ----------------------------------------------------------------- forward
+
+    def forward(self, x: Tensor, task_ids: Optional[Tensor] = None) -> Tensor:
+        """x (..., d_in) -> (..., d_out).
+
+        Without ``task_ids``: the active task (or the base layer alone when none is active).
+        With ``task_ids`` (int, shape ``x.shape[:-1]`` or ``x.shape[:1]``, -1 = base only): each
+        row uses its own task's coefficients, the multi-tenant path; inference only.
+        """
+        if task_ids is not None:
+            return self._forward_multi(x, task_ids)
+        if self.active_task is None:
+            return self.base_layer(x)
+        WA, Ea, WB, Eb = self._factors_in(self.active_task)
+        C = self.scale * (Ea @ Eb.t()) @ WB.t()
+        return lowrank_linear(x, self.base_layer.weight, self.base_layer.bias, WA, C)
+
+    def cores(self) -> Tensor:
+        """(T, k, k): ``cores[t] = scale * eps_a[t] eps_b[t]ᵀ`` in task-id order."""
+        if self.training_task is not None:
+            raise ValueError(
+                f"task {self.training_task!r} is still in training (temporary directions or LoRA factors): "
+                "end the task before using task_ids"
+            )
+        if not self._tasks:
+            return self.U.new_zeros(0, self.k, self.k)
+        return self.scale * torch.stack([self.eps_a[t] @ self.eps_b[t].t() for t in self._tasks])
+
+    def _forward_multi(self, x: Tensor, task_ids: Tensor) -> Tensor:
+        cores = self.cores()
+        if torch.is_grad_enabled() and (x.requires_grad or cores.requires_grad):
+            raise RuntimeError(
+                "ShareLinear: the task_ids forward is inference-only; run it under torch.no_grad() or "
+                "torch.inference_mode(), or train one task at a time with set_task()"
+            )
+        w = self.base_layer.weight
+        return multi_task_linear_reference(x, w, self.base_layer.bias, self.U, cores, self.V, task_ids)
+
+    # ----------------------------------------------------------------- save / load / stats
+
+    def adapter_config(self) -> dict:
+        """JSON-able keyword arguments that rebuild this layer with :meth:`from_linear`."""
+        return {"k": self.max_k, "p": self.p, "scale": self.scale}
+
+    def _check_saveable(self) -> None:
+        if self.training_task is not None:
+            raise ValueError(
+                f"task {self.training_task!r} is still in training (temporary directions or LoRA factors); "
+                "end it before saving"
+            )
+
+    def shared_tensors(self) -> dict[str, Tensor]:
+        """What every task shares: ``{"U": (d_in, k), "V": (d_out, k)}``."""
+        self._check_saveable()
+        return {"U": self.U, "V": self.V}
+
+    def task_tensors(self, name: str) -> dict[str, Tensor]:
+        """Task ``name``'s own part: ``{"eps_a": (k, p), "eps_b": (k, p)}``."""
+        self._check_known(name)
+        self._check_saveable()
+        return {"eps_a": self.eps_a[name].detach(), "eps_b": self.eps_b[name].detach()}
+
+    def load_adapter_state(self, shared: dict[str, Tensor], tasks: dict[str, dict[str, Tensor]]) -> None:
+        """Replace bases and tasks (in ``tasks``' order) by saved tensors; ValueError naming the
+        tensor and the expected and found shapes when they do not fit. Loaded bases count as built."""
+        if set(shared) != {"U", "V"}:
+            raise ValueError(f"shared tensors must be exactly ['U', 'V']; got {sorted(shared)}")
+        U, V = shared["U"], shared["V"]
+        kk = U.shape[1] if U.dim() == 2 else -1
+        if U.shape != (self.in_features, kk) or not 1 <= kk <= self.max_k:
+            raise ValueError(
+                f"U: expected (d_in={self.in_features}, k) with 1 <= k <= {self.max_k}; got {tuple(U.shape)}"
+            )
+        if V.shape != (self.out_features, kk):
+            raise ValueError(f"V: expected (d_out={self.out_features}, k={kk}); got {tuple(V.shape)}")
+        coefficients = {}
+        for t, tensors in tasks.items():
+            check_task_name(t)
+            if set(tensors) != {"eps_a", "eps_b"}:
+                raise ValueError(f"task {t!r}: tensors must be exactly ['eps_a', 'eps_b']; got {sorted(tensors)}")
+            for n, v in tensors.items():
+                if v.shape != (kk, self.p):
+                    raise ValueError(f"task {t!r}: {n}: expected (k={kk}, p={self.p}); got {tuple(v.shape)}")
+            coefficients[t] = (tensors["eps_a"], tensors["eps_b"])
+        self.eps_a, self.eps_b = nn.ParameterDict(), nn.ParameterDict()
+        self._tasks = list(tasks)
+        self.active_task = self.training_task = None
+        self.set_subspace(U, V, coefficients)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, p={self.p}, "
+            f"scale={self.scale}, tasks={len(self._tasks)}"
+        )
