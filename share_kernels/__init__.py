@@ -15,7 +15,14 @@ from .continual import (
     wrap,
 )
 from .nn import ShareLinear
-from .ops import lowrank_linear, lowrank_linear_reference, multi_task_linear_reference
+from .ops import (
+    lowrank_linear,
+    lowrank_linear_reference,
+    multi_task_linear_reference,
+    project_complement,
+    project_complement_grouped,
+    project_complement_reference,
+)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -30,6 +37,9 @@ __all__ = [
     "lowrank_linear",
     "lowrank_linear_reference",
     "multi_task_linear_reference",
+    "project_complement",
+    "project_complement_grouped",
+    "project_complement_reference",
     "route_tasks",
     "save_adapters",
     "wrap",

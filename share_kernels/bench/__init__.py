@@ -18,6 +18,7 @@ from .common import environment, format_table
 
 SUITES = {
     "lowrank_linear": "share_kernels.bench.lowrank_linear",
+    "project_complement": "share_kernels.bench.project_complement",
     "share": "share_kernels.bench.share",
 }
 

@@ -1,0 +1,157 @@
+"""``share_kernels::project_complement``: projection onto (the complement of) a subspace.
+
+X (d, n), M (d, k) with orthonormal columns (a DualGPM gradient memory, InfLoRA's old-task
+subspace):
+
+* ``mode="remove"``: ``X - M (Mᵀ X)``, the part of X outside span(M);
+* ``mode="retain"``: ``M (Mᵀ X)``, the part inside; the two add up to X.
+
+``project_complement_grouped(Xs, Ms, mode)`` does the same for many (X, M) pairs of any shapes
+in one call (InfLoRA touches every adapted layer at each task boundary).
+
+The schemas and the CPU and CUDA kernels are C++ (``csrc/``), loaded on the first call by
+:mod:`share_kernels._ext`; without a compiled extension the same schemas are defined here with
+:func:`project_complement_reference` as their kernel, after one warning. The fake kernels live
+here either way. Outputs are new contiguous (d, n) tensors in X's dtype; fp16 / bf16 accumulate
+in fp32 and round once. No autograd: the ops run at task boundaries, outside training.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+from .._utils import check_float_dtypes, check_ndim, check_same_device, shape_str
+
+_OP = "project_complement"
+_OP_GROUPED = "project_complement_grouped"
+MODES = ("remove", "retain")
+# The extension defines the same schemas (csrc/ops.cpp); these serve only without it.
+_SCHEMAS = {
+    _OP: '(Tensor X, Tensor M, str mode="remove") -> Tensor',
+    _OP_GROUPED: '(Tensor[] Xs, Tensor[] Ms, str mode="remove") -> Tensor[]',
+}
+
+
+def project_complement_reference(X: Tensor, M: Tensor, mode: str = "remove") -> Tensor:
+    """Pure PyTorch in the inputs' dtype: the fallback kernel and the oracle of tests and benchmarks."""
+    retained = M @ (M.T @ X)
+    return (X - retained).contiguous() if mode == "remove" else retained
+
+
+def _check_pair(op: str, X: Tensor, M: Tensor, x_name: str, m_name: str) -> None:
+    for name, t in ((x_name, X), (m_name, M)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
+    check_ndim(op, x_name, X, 2, "(d, n)")
+    check_ndim(op, m_name, M, 2, "(d, k)")
+    if M.shape[0] != X.shape[0]:
+        raise ValueError(
+            f"{op}: {m_name} must have as many rows as {x_name}; "
+            f"got {x_name} {shape_str(X)} and {m_name} {shape_str(M)}"
+        )
+
+
+def _check_mode(op: str, mode) -> None:
+    if mode not in MODES:
+        raise ValueError(f'{op}: mode must be "remove" or "retain"; got {mode!r}')
+
+
+def check_project_complement_inputs(X: Tensor, M: Tensor, mode: str) -> None:
+    """ValueError for shapes, devices and mode; TypeError for dtypes; naming arguments and shapes."""
+    _check_mode(_OP, mode)
+    _check_pair(_OP, X, M, "X", "M")
+    check_float_dtypes(_OP, X=X, M=M)
+    check_same_device(_OP, X=X, M=M)
+
+
+def check_project_complement_grouped_inputs(Xs: Sequence[Tensor], Ms: Sequence[Tensor], mode: str) -> None:
+    """As :func:`check_project_complement_inputs` for every pair; one dtype and device for all."""
+    _check_mode(_OP_GROUPED, mode)
+    for name, seq in (("Xs", Xs), ("Ms", Ms)):
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{_OP_GROUPED}: {name} must be a list or tuple of tensors; got {type(seq).__name__}")
+    if len(Xs) != len(Ms):
+        raise ValueError(f"{_OP_GROUPED}: Xs and Ms must have the same length; got {len(Xs)} and {len(Ms)}")
+    for i, (X, M) in enumerate(zip(Xs, Ms)):
+        _check_pair(_OP_GROUPED, X, M, f"Xs[{i}]", f"Ms[{i}]")
+    if Xs:
+        named = {f"Xs[{i}]": X for i, X in enumerate(Xs)} | {f"Ms[{i}]": M for i, M in enumerate(Ms)}
+        check_float_dtypes(_OP_GROUPED, **named)
+        check_same_device(_OP_GROUPED, **named)
+
+
+def _fake(X, M, mode="remove"):
+    check_project_complement_inputs(X, M, mode)
+    return X.new_empty(X.shape)
+
+
+def _fake_grouped(Xs, Ms, mode="remove"):
+    check_project_complement_grouped_inputs(Xs, Ms, mode)
+    return [X.new_empty(X.shape) for X in Xs]
+
+
+def _reference_kernel(X, M, mode="remove"):
+    check_project_complement_inputs(X, M, mode)
+    return project_complement_reference(X, M, mode)
+
+
+def _reference_grouped_kernel(Xs, Ms, mode="remove"):
+    check_project_complement_grouped_inputs(Xs, Ms, mode)
+    return [project_complement_reference(X, M, mode) for X, M in zip(Xs, Ms)]
+
+
+_fallback_lib: torch.library.Library | None = None
+_ready = False
+
+
+@torch.compiler.assume_constant_result
+def _ensure_ops() -> bool:
+    """Make the two ops exist with their fake kernels: the extension's, or the reference's.
+
+    Runs once; under ``torch.compile`` it runs at trace time, so a compiled first call needs
+    no graph break.
+    """
+    global _fallback_lib, _ready
+    if not _ready:
+        if not _ext.load():
+            _fallback_lib = torch.library.Library("share_kernels", "FRAGMENT")
+            for name, schema in _SCHEMAS.items():
+                _fallback_lib.define(name + schema)
+            for key in ("CPU", "CUDA"):
+                _fallback_lib.impl(_OP, _reference_kernel, key)
+                _fallback_lib.impl(_OP_GROUPED, _reference_grouped_kernel, key)
+        torch.library.register_fake(f"share_kernels::{_OP}")(_fake)
+        torch.library.register_fake(f"share_kernels::{_OP_GROUPED}")(_fake_grouped)
+        _ready = True
+    return True
+
+
+def project_complement(X: Tensor, M: Tensor, mode: str = "remove") -> Tensor:
+    """``X - M (Mᵀ X)`` (``mode="remove"``) or ``M (Mᵀ X)`` (``mode="retain"``).
+
+    Args:
+        X: (d, n), any strides. M: (d, k) with orthonormal columns. One floating dtype
+        (fp32, fp64, fp16, bf16), one device.
+    Returns:
+        A new contiguous (d, n) tensor in X's dtype. CPU: one pass over column blocks of X;
+        CUDA: Mᵀ X then the update with the subtraction fused, no d x n intermediate.
+    """
+    check_project_complement_inputs(X, M, mode)
+    _ensure_ops()
+    return torch.ops.share_kernels.project_complement(X, M, mode)
+
+
+def project_complement_grouped(Xs: Sequence[Tensor], Ms: Sequence[Tensor], mode: str = "remove") -> list[Tensor]:
+    """``[project_complement(X, M, mode) for X, M in zip(Xs, Ms)]`` in one call.
+
+    Pairs may differ in d, n and k but share one dtype and device. CPU: one parallel loop over
+    the column blocks of all layers; CUDA: two kernel launches per 40 layers.
+    """
+    check_project_complement_grouped_inputs(Xs, Ms, mode)
+    if not Xs:
+        return []  # the dispatcher needs a tensor to pick a kernel
+    _ensure_ops()
+    return torch.ops.share_kernels.project_complement_grouped(list(Xs), list(Ms), mode)
