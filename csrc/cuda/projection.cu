@@ -35,7 +35,7 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kCols = 2 * kThreads;  // columns per CTA
 constexpr int kRowsA = 16;           // rows of X staged per step of project_kernel
-constexpr int kChunkB = 16;          // values of k staged per step of update_kernel
+constexpr int kChunkB = 8;           // values of k staged per step of update_kernel
 constexpr int kMaxGroup = 40;        // layers per launch: the descriptors must fit in 4 KB of parameters
 
 // Rows of out per CTA of update_kernel (fewer for fp64 to bound the registers of the accumulator).

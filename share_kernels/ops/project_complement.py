@@ -17,6 +17,7 @@ in fp32 and round once. No autograd: the ops run at task boundaries, outside tra
 """
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import torch
@@ -105,6 +106,7 @@ def _reference_grouped_kernel(Xs, Ms, mode="remove"):
 
 _fallback_lib: torch.library.Library | None = None
 _ready = False
+_ready_lock = threading.Lock()
 
 
 @torch.compiler.assume_constant_result
@@ -115,17 +117,20 @@ def _ensure_ops() -> bool:
     no graph break.
     """
     global _fallback_lib, _ready
-    if not _ready:
-        if not _ext.load():
-            _fallback_lib = torch.library.Library("share_kernels", "FRAGMENT")
-            for name, schema in _SCHEMAS.items():
-                _fallback_lib.define(name + schema)
-            for key in ("CPU", "CUDA"):
-                _fallback_lib.impl(_OP, _reference_kernel, key)
-                _fallback_lib.impl(_OP_GROUPED, _reference_grouped_kernel, key)
-        torch.library.register_fake(f"share_kernels::{_OP}")(_fake)
-        torch.library.register_fake(f"share_kernels::{_OP_GROUPED}")(_fake_grouped)
-        _ready = True
+    if _ready:
+        return True
+    with _ready_lock:  # two threads' first calls must not register twice
+        if not _ready:
+            if not _ext.load():
+                _fallback_lib = torch.library.Library("share_kernels", "FRAGMENT")
+                for name, schema in _SCHEMAS.items():
+                    _fallback_lib.define(name + schema)
+                for key in ("CPU", "CUDA"):
+                    _fallback_lib.impl(_OP, _reference_kernel, key)
+                    _fallback_lib.impl(_OP_GROUPED, _reference_grouped_kernel, key)
+            torch.library.register_fake(f"share_kernels::{_OP}")(_fake)
+            torch.library.register_fake(f"share_kernels::{_OP_GROUPED}")(_fake_grouped)
+            _ready = True
     return True
 
 
