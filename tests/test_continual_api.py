@@ -15,7 +15,7 @@ from share_kernels.continual import (
     get_method,
     match_linear_layers,
     register_method,
-    route_tasks,
+    task_ids,
     wrap,
 )
 from share_kernels.nn import ShareLinear
@@ -249,7 +249,7 @@ def test_learner_on_an_already_wrapped_model():
         ContinualLearner(model, "share", p=3)
 
 
-def test_route_tasks_serves_several_tasks_in_one_batch():
+def test_task_ids_serves_several_tasks_in_one_batch():
     model, learner, data, _, _ = run_three_tasks(k=16)
     x = data["b"][0][:8]
     with torch.no_grad():
@@ -261,7 +261,7 @@ def test_route_tasks_serves_several_tasks_in_one_batch():
         per_task[None] = model(x)
         names = ["a", "c", None, "b", "b", None, "a", "c"]
         ids = torch.tensor([-1 if n is None else learner.tasks.index(n) for n in names])
-        with route_tasks(model, ids):
+        with task_ids(model, ids):
             mixed = model(x)
         assert torch.equal(model(x), per_task[None])  # hooks removed
     for i, n in enumerate(names):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
@@ -119,21 +120,81 @@ def wrap(model: nn.Module, method: str, target_modules: TargetModules, **cfg) ->
     return model
 
 
-@contextlib.contextmanager
-def route_tasks(model: nn.Module, task_ids: torch.Tensor) -> Iterator[nn.Module]:
-    """Within the block, every adapter layer of ``model`` runs its multi-task forward with
-    ``task_ids`` (task ids in ``layer.tasks`` order, -1 = base model; shape ``x.shape[:-1]`` or
-    one id per sequence, ``x.shape[:1]``), so one batch serves many tasks through a model whose
-    forward does not take task ids. Inference only (use it under ``torch.no_grad()``)::
+#: the task name that means "no task, the base model" in :func:`task_ids` (as peft's ``adapter_names``)
+BASE_TASK = "__base__"
 
-        with torch.no_grad(), route_tasks(model, torch.tensor([0, 2, -1])):
+TaskIds = Union[torch.Tensor, Sequence[Any]]
+
+
+def _names_to_ids(names: Any, layer: nn.Module, where: str) -> Any:
+    """Nested lists of task names -> the same nesting of this layer's ids (-1 for ``__base__``)."""
+    if isinstance(names, str):
+        return -1 if names == BASE_TASK else layer.task_id(names)
+    if isinstance(names, (list, tuple)):
+        return [_names_to_ids(n, layer, where) for n in names]
+    raise TypeError(f"task_ids: {where} must hold task names (str, {BASE_TASK!r} for none); got {names!r}")
+
+
+def _layer_ids(layers: Mapping[str, nn.Module], ids: TaskIds) -> dict[str, torch.Tensor]:
+    """Each layer's id tensor on its device, built (and range-checked) once."""
+    from ..ops.multi_task_linear import check_task_id_values
+
+    cache: dict[Any, torch.Tensor] = {}
+    out = {}
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"task_ids: ids must be an integer tensor; got {str(ids.dtype).replace('torch.', '')}")
+        if not (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+            check_task_id_values(ids, min(len(layer.tasks) for layer in layers.values()))
+        for name, layer in layers.items():
+            dev = layer.base_layer.weight.device
+            if dev not in cache:
+                cache[dev] = ids if ids.device == dev else ids.to(dev)
+            out[name] = cache[dev]
+        return out
+    if isinstance(ids, str) or not isinstance(ids, (list, tuple)):
+        raise TypeError(f"task_ids: ids must be an integer tensor or a list of task names; got {type(ids).__name__}")
+    for name, layer in layers.items():
+        key = (tuple(layer.tasks), layer.base_layer.weight.device)
+        if key not in cache:
+            cache[key] = torch.tensor(_names_to_ids(ids, layer, "ids"), dtype=torch.long, device=key[1])
+        out[name] = cache[key]
+    return out
+
+
+@contextlib.contextmanager
+def task_ids(model: nn.Module, ids: TaskIds) -> Iterator[nn.Module]:
+    """Within the block, every adapter layer of ``model`` runs its multi-task forward
+    (:func:`~share_kernels.multi_task_linear`), so one batch serves many tasks through a model
+    whose forward does not take task ids. Inference only (use it under ``torch.no_grad()``).
+
+    ``ids``: an integer tensor of task ids in ``layer.tasks`` order (-1 = base model), or (nested)
+    lists of task names with ``"__base__"`` for the base model, as peft's ``adapter_names``;
+    names are converted per layer with ``layer.task_id(name)``. Shape ``x.shape[:-1]`` (per
+    token) or ``x.shape[:1]`` (per sequence)::
+
+        with torch.no_grad(), task_ids(model, ["cola", "__base__", "rte"]):
             logits = model(input_ids).logits
+
+    Unknown names and out-of-range ids raise ``ValueError`` here, once: the ids are read at
+    entry (one sync for a GPU tensor, skipped during CUDA graph capture) and the layers then
+    skip their per-call check. Tensor ids are used as they are, so a captured CUDA graph
+    replays with whatever was copied into them.
     """
+    layers = model_method(model)[2]
+    extra = {}
+    for name, layer in layers.items():
+        params = inspect.signature(layer.forward).parameters
+        if "task_ids" not in params:
+            raise TypeError(f"task_ids: layer {name!r} ({type(layer).__name__}) has no multi-task forward")
+        extra[name] = {"check_ids": False} if "check_ids" in params else {}  # checked once, above
+    per_layer = _layer_ids(layers, ids)
     hooks = [
         layer.register_forward_pre_hook(
-            lambda mod, args, kwargs: (args, {**kwargs, "task_ids": task_ids}), with_kwargs=True
+            lambda mod, args, kwargs, _kw={"task_ids": per_layer[name], **extra[name]}: (args, {**kwargs, **_kw}),
+            with_kwargs=True,
         )
-        for layer in model_method(model)[2].values()
+        for name, layer in layers.items()
     ]
     try:
         yield model

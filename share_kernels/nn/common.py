@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 
 import torch.nn as nn
+from torch import Tensor
 
 _TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 # Task names key nn.ParameterDicts, which cannot hold a key that shadows one of their methods.
@@ -16,3 +17,34 @@ def check_task_name(name: str) -> None:
         raise ValueError(f"invalid task name {name!r}: use letters, digits, '_' and '-' (not as the first character)")
     if name in _RESERVED:
         raise ValueError(f"invalid task name {name!r}: it is reserved (a method of nn.ParameterDict)")
+
+
+class TaskLayer(nn.Module):
+    """Task bookkeeping shared by the adapter layers: names in order (``self._tasks``), the
+    base ``nn.Linear`` as ``self.base_layer``, and frozen parameters on its device and dtype."""
+
+    _tasks: list[str]
+    base_layer: nn.Linear
+
+    @property
+    def tasks(self) -> list[str]:
+        """Task names in the order added; a name's index is its task id."""
+        return list(self._tasks)
+
+    def task_id(self, name: str) -> int:
+        self._check_known(name)
+        return self._tasks.index(name)
+
+    def _check_known(self, name: str) -> None:
+        if name not in self._tasks:
+            raise ValueError(f"unknown task {name!r}; this layer has tasks {self._tasks}")
+
+    def _check_new(self, name: str) -> None:
+        check_task_name(name)
+        if name in self._tasks:
+            raise ValueError(f"task {name!r} already exists; tasks are {self._tasks}")
+
+    def _new_param(self, t: Tensor) -> nn.Parameter:
+        """A frozen copy of ``t`` on the base weight's device and dtype (never aliasing ``t``)."""
+        w = self.base_layer.weight
+        return nn.Parameter(t.detach().to(device=w.device, dtype=w.dtype).clone(), requires_grad=False)

@@ -5,8 +5,8 @@ Shapes: d_in = ``in_features``, d_out = ``out_features``, k = subspace size, p =
 - Shared bases ``U`` (d_in, k) and ``V`` (d_out, k), orthonormal columns, frozen buffers.
 - Per task ``eps_a[t]``, ``eps_b[t]`` (k, p):  ``dW_t = scale * V eps_b eps_aᵀ Uᵀ`` (d_out, d_in).
 - Forward with one active task: ``lowrank_linear(x, W, b, U, C)``, ``C = scale * (eps_a eps_bᵀ) Vᵀ``.
-- Forward with ``task_ids``: the multi-task product (``multi_task_linear``; its reference until
-  the fused op lands) with ``cores[t] = scale * eps_a[t] eps_b[t]ᵀ``.
+- Forward with ``task_ids``: ``multi_task_linear(x, W, b, U, cores, V, task_ids)`` with
+  ``cores[t] = scale * eps_a[t] eps_b[t]ᵀ`` (inference only).
 
 The task in training may carry extras that the continual procedure
 (:mod:`share_kernels.continual.share`) folds back into the subspace when the task ends:
@@ -28,8 +28,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..ops.lowrank_linear import lowrank_linear
-from ..ops.multi_task_linear import multi_task_linear_reference
-from .common import check_task_name
+from ..ops.multi_task_linear import multi_task_linear
+from .common import TaskLayer, check_task_name
 
 
 def random_orthonormal(d: int, n: int, *, against: Optional[Tensor] = None, like: Tensor) -> Tensor:
@@ -42,7 +42,7 @@ def random_orthonormal(d: int, n: int, *, against: Optional[Tensor] = None, like
     return torch.linalg.qr(g).Q
 
 
-class ShareLinear(nn.Module):
+class ShareLinear(TaskLayer):
     """``y = base_layer(x) + scale * (x A) Bᵀ`` for the active task, A, B in a shared subspace.
 
     The wrapped ``nn.Linear`` is kept as ``base_layer`` (same object, weight untouched, frozen).
@@ -95,23 +95,6 @@ class ShareLinear(nn.Module):
         """Current subspace size: the columns of U and V."""
         return self.U.shape[1]
 
-    @property
-    def tasks(self) -> list[str]:
-        """Task names in the order added; a name's index is its task id."""
-        return list(self._tasks)
-
-    def task_id(self, name: str) -> int:
-        self._check_known(name)
-        return self._tasks.index(name)
-
-    def _check_known(self, name: str) -> None:
-        if name not in self._tasks:
-            raise ValueError(f"unknown task {name!r}; this layer has tasks {self._tasks}")
-
-    def _new_param(self, t: Tensor) -> nn.Parameter:
-        w = self.base_layer.weight
-        return nn.Parameter(t.to(device=w.device, dtype=w.dtype), requires_grad=False)
-
     def add_task(self, name: str, lora_rank: Optional[int] = None) -> None:
         """Add task ``name`` (frozen until :meth:`set_task`).
 
@@ -121,9 +104,7 @@ class ShareLinear(nn.Module):
         trains the task as a plain rank-r LoRA instead (``lora_A`` Kaiming-uniform, ``lora_B = 0``)
         until the procedure builds the subspace from it.
         """
-        check_task_name(name)
-        if name in self._tasks:
-            raise ValueError(f"task {name!r} already exists; tasks are {self._tasks}")
+        self._check_new(name)
         if self.training_task is not None:
             raise ValueError(
                 f"task {self.training_task!r} still holds training directions; consolidate it (end_task) "
@@ -277,15 +258,17 @@ class ShareLinear(nn.Module):
 
     # ----------------------------------------------------------------- forward
 
-    def forward(self, x: Tensor, task_ids: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, task_ids: Optional[Tensor] = None, check_ids: bool = True) -> Tensor:
         """x (..., d_in) -> (..., d_out).
 
         Without ``task_ids``: the active task (or the base layer alone when none is active).
-        With ``task_ids`` (int, shape ``x.shape[:-1]`` or ``x.shape[:1]``, -1 = base only): each
-        row uses its own task's coefficients, the multi-tenant path; inference only.
+        With ``task_ids`` (int, shape ``x.shape[:-1]`` or ``x.shape[:1]``, -1 = base only, ids in
+        :attr:`tasks` order): each row uses its own task's coefficients, the multi-tenant path
+        (:func:`~share_kernels.multi_task_linear`); inference only. ``check_ids=False`` skips the
+        range check of the id values (a host sync on a GPU) for callers that checked them.
         """
         if task_ids is not None:
-            return self._forward_multi(x, task_ids)
+            return self._forward_multi(x, task_ids, check_ids)
         if self.active_task is None:
             return self.base_layer(x)
         WA, Ea, WB, Eb = self._factors_in(self.active_task)
@@ -301,9 +284,13 @@ class ShareLinear(nn.Module):
             )
         if not self._tasks:
             return self.U.new_zeros(0, self.k, self.k)
-        return self.scale * torch.stack([self.eps_a[t] @ self.eps_b[t].t() for t in self._tasks])
+        # One batched product (3 launches whatever T is), recomputed per forward: the
+        # coefficients may change in place between forwards (an optimizer step).
+        eps_a = torch.stack([self.eps_a[t] for t in self._tasks])
+        eps_b = torch.stack([self.eps_b[t] for t in self._tasks])
+        return self.scale * torch.bmm(eps_a, eps_b.transpose(1, 2))
 
-    def _forward_multi(self, x: Tensor, task_ids: Tensor) -> Tensor:
+    def _forward_multi(self, x: Tensor, task_ids: Tensor, check_ids: bool = True) -> Tensor:
         cores = self.cores()
         if torch.is_grad_enabled() and (x.requires_grad or cores.requires_grad):
             raise RuntimeError(
@@ -311,7 +298,7 @@ class ShareLinear(nn.Module):
                 "torch.inference_mode(), or train one task at a time with set_task()"
             )
         w = self.base_layer.weight
-        return multi_task_linear_reference(x, w, self.base_layer.bias, self.U, cores, self.V, task_ids)
+        return multi_task_linear(x, w, self.base_layer.bias, self.U, cores, self.V, task_ids, check_ids=check_ids)
 
     # ----------------------------------------------------------------- save / load / stats
 

@@ -1,14 +1,33 @@
-"""``multi_task_linear``: Share's multi-tenant forward, one task per row (or per sequence).
+"""``share_kernels::multi_task_linear``: Share's multi-tenant forward, one task per row (or per sequence).
 
 Row i: ``F.linear(x_i, weight, bias) + ((x_i @ U) @ cores[task_ids_i]) @ V.T``; an id of -1
-means the base layer alone, bit-identical to ``F.linear``.
+means the base layer alone, bit-identical to ``F.linear(x, weight, bias)``.
 
 x (..., d_in), weight (d_out, d_in), bias (d_out,) or None, U (d_in, k), cores (T, k, k),
 V (d_out, k), task_ids integer of shape ``x.shape[:-1]`` (one id per row) or ``x.shape[:1]``
-(one id per sequence).
+(one id per sequence). Inference only.
 
-This file holds the pure-PyTorch reference and its input checks; the custom op and the fused
-Triton kernel build on them.
+How it runs:
+
+* CPU (and float64, and k > 128): :func:`multi_task_linear_reference`.
+* CUDA (fp32 / fp16 / bf16): ``y = F.linear(x, weight, bias)`` by cuBLAS, then ONE Triton
+  kernel (:mod:`share_kernels.kernels.multi_task_linear`) adds the whole low-rank path of the
+  adapted rows in place (``x·U`` in fp32, the row's core gathered in-kernel, ``·Vᵀ``) and never
+  writes a base-only row. A Triton base GEMM fused with it would be one pass fewer over y, but
+  its rows could not be bit-identical to cuBLAS's ``F.linear``, and a kernel that fused the
+  base only when no id is -1 would need a host sync to know; so the base stays cuBLAS.
+* Two strategies for the low-rank kernel, chosen by shape only (:func:`choose_strategy`):
+  ``"gather"`` (rows in their order; a block of rows does one small core product per distinct
+  id it holds) and ``"grouped"`` (rows first sorted by id on device with ``torch.argsort``, as
+  vLLM does, so a block holds about one task). ``strategy=`` forces one.
+
+Ids and host syncs: shapes, dtypes and devices are always checked (metadata only). The value
+check (``-1 <= id < T``, ``ValueError``) needs the values: on CPU it is free and always done; on
+an accelerator it costs one sync, so it is skipped while a CUDA graph is being captured and
+when ``check_ids=False`` (the caller has checked, as :func:`share_kernels.task_ids` does once
+per forward instead of once per layer). An unchecked out-of-range id reads no memory: that row
+gets the base output alone. Nothing on the CUDA path syncs or has a data-dependent shape, so
+the op can be captured in a CUDA graph (after a warm-up call outside capture, which autotunes).
 """
 from __future__ import annotations
 
@@ -18,18 +37,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._utils import check_float_dtypes, check_ndim, check_same_device, shape_str
+from .._utils import check_float_dtypes, check_ndim, check_same_device, shape_str, use_triton
 
 _OP = "multi_task_linear"
+STRATEGIES = ("auto", "gather", "grouped")
+
+#: choose_strategy: rows that share one id by construction (per-sequence ids, S >= this) are
+#: already grouped; otherwise sort when the batch is large and holds many rows per task.
+GATHER_MIN_RUN = 16
+GROUPED_MIN_ROWS = 256
+GROUPED_MIN_ROWS_PER_TASK = 2
+
+
+def _integer(t: Tensor) -> bool:
+    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
 
 
 def check_multi_task_linear_inputs(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], U: Tensor, cores: Tensor, V: Tensor, task_ids: Tensor
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    U: Tensor,
+    cores: Tensor,
+    V: Tensor,
+    task_ids: Tensor,
+    check_values: bool = True,
 ) -> None:
-    """ValueError for shapes, devices and ids out of range; TypeError for dtypes."""
+    """ValueError for shapes, devices and (with ``check_values``) ids out of range; TypeError for dtypes."""
     check_float_dtypes(_OP, x=x, weight=weight, bias=bias, U=U, cores=cores, V=V)
     check_same_device(_OP, x=x, weight=weight, bias=bias, U=U, cores=cores, V=V, task_ids=task_ids)
-    if task_ids.dtype.is_floating_point or task_ids.dtype.is_complex or task_ids.dtype == torch.bool:
+    if not _integer(task_ids):
         raise TypeError(f"{_OP}: task_ids must be an integer tensor; got {str(task_ids.dtype).replace('torch.', '')}")
     if x.dim() < 1:
         raise ValueError(f"{_OP}: x must have shape (..., d_in); got a 0-d tensor")
@@ -58,11 +95,17 @@ def check_multi_task_linear_inputs(
             f"{_OP}: task_ids must have shape x.shape[:-1] = {tuple(x.shape[:-1])} or x.shape[:1] = "
             f"{tuple(x.shape[:1])}; got task_ids {shape_str(task_ids)}"
         )
+    if check_values:
+        check_task_id_values(task_ids, cores.shape[0])
+
+
+def check_task_id_values(task_ids: Tensor, num_tasks: int) -> None:
+    """ValueError unless every id lies in [-1, num_tasks). Reads the values: one sync on a GPU."""
     if task_ids.numel():
-        lo, hi = int(task_ids.min()), int(task_ids.max())
-        if lo < -1 or hi >= cores.shape[0]:
+        lo, hi = (int(v) for v in torch.aminmax(task_ids.reshape(-1).long()))
+        if lo < -1 or hi >= num_tasks:
             raise ValueError(
-                f"{_OP}: task_ids must lie in [-1, T={cores.shape[0]}) (-1 = base only); got values in [{lo}, {hi}]"
+                f"{_OP}: task_ids must lie in [-1, T={num_tasks}) (-1 = base only); got values in [{lo}, {hi}]"
             )
 
 
@@ -73,11 +116,12 @@ def multi_task_linear_reference(
 
     Rows are grouped by task, so the extra work is one ``(n_t, k) @ (k, k)`` product per task
     present. Rows with id -1 keep ``F.linear(x, weight, bias)`` untouched (bit-identical).
+    Reads the ids on the host (``unique``, ``nonzero``): not for CUDA graphs.
     """
     check_multi_task_linear_inputs(x, weight, bias, U, cores, V, task_ids)
     ids = task_ids.reshape(task_ids.shape + (1,) * (x.dim() - 1 - task_ids.dim())).expand(x.shape[:-1]).reshape(-1)
     x2 = x.reshape(-1, x.shape[-1])
-    out = F.linear(x2, weight, bias)
+    out = F.linear(x, weight, bias).reshape(-1, weight.shape[0])
     for t in ids.unique().tolist():
         if t < 0:
             continue
@@ -85,3 +129,137 @@ def multi_task_linear_reference(
         xr = x2.index_select(0, rows)
         out = out.index_put((rows,), out.index_select(0, rows) + ((xr @ U) @ cores[t]) @ V.t())
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def choose_strategy(rows: int, num_tasks: int, run: int = 1) -> str:
+    """The low-rank kernel's strategy from shapes alone (no look at the ids, so no sync).
+
+    ``rows`` M, ``num_tasks`` T, ``run`` the rows that share an id by construction (S for
+    per-sequence ids of x (B, S, d), else 1). Work per block of BLOCK_M rows: "gather" does
+    one (BLOCK_M x k)·(k x k) product and one k x k core load (latency-bound, in sequence) per
+    distinct id in the block, about min(BLOCK_M, T) for spread ids; "grouped" first sorts the
+    ids (an extra launch or two, O(M log M)) and then does about 1 + BLOCK_M / (M / T). Sorting
+    pays when that cuts the iterations, i.e. with at least 2 rows per task and T >= 2, on a
+    batch whose GEMM (M >= 256 rows) hides the sort:
+
+    * ``run >= 16``: "gather" (sequences already are contiguous single-task blocks);
+    * ``M >= 256`` and ``2 <= T <= M / 2``: "grouped";
+    * otherwise "gather" (decode batches, one task, or more tasks than rows / 2).
+
+    The thresholds are argued from this work count, not yet measured on a GPU; a skewed
+    distribution (zipf, all rows one task) can make "grouped" sort for nothing, which the
+    rule cannot see without reading the ids.
+    """
+    if run >= GATHER_MIN_RUN:
+        return "gather"
+    if rows >= GROUPED_MIN_ROWS and 2 <= num_tasks and GROUPED_MIN_ROWS_PER_TASK * num_tasks <= rows:
+        return "grouped"
+    return "gather"
+
+
+def _check_strategy(strategy) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{_OP}: strategy must be one of {STRATEGIES}; got {strategy!r}")
+
+
+def _fused(x: Tensor, U: Tensor) -> bool:
+    from ..kernels.multi_task_linear import MAX_FUSED_RANK
+
+    return use_triton(x) and U.shape[1] <= MAX_FUSED_RANK
+
+
+def _capturing(x: Tensor) -> bool:
+    return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+@torch.library.custom_op("share_kernels::multi_task_linear", mutates_args=())
+def _multi_task_linear_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    U: Tensor,
+    cores: Tensor,
+    V: Tensor,
+    task_ids: Tensor,
+    strategy: str = "auto",
+    check_ids: bool = True,
+) -> Tensor:
+    _check_strategy(strategy)
+    if not _fused(x, U):
+        return multi_task_linear_reference(x, weight, bias, U, cores, V, task_ids)
+    check_multi_task_linear_inputs(
+        x, weight, bias, U, cores, V, task_ids, check_values=check_ids and not _capturing(x)
+    )
+    from ..kernels.multi_task_linear import multi_task_delta_
+
+    d_in, d_out = weight.shape[1], weight.shape[0]
+    y = F.linear(x, weight, bias)  # base-only rows are exactly this, never rewritten
+    M = x.numel() // d_in if d_in else y.numel() // max(d_out, 1)
+    per_row = task_ids.shape == x.shape[:-1]
+    ids = task_ids.reshape(-1)
+    run = 1 if per_row else (M // ids.numel() if ids.numel() else 1)
+    if strategy == "auto":
+        strategy = choose_strategy(M, cores.shape[0], run)
+    order = None
+    if strategy == "grouped":
+        by_id = torch.argsort(ids, stable=True)
+        order = by_id if run == 1 else (by_id[:, None] * run + torch.arange(run, device=ids.device)).reshape(-1)
+    multi_task_delta_(y.view(M, d_out), x.reshape(M, d_in), U, cores, V, ids, ids_div=run, order=order)
+    return y
+
+
+@_multi_task_linear_op.register_fake
+def _(x, weight, bias, U, cores, V, task_ids, strategy="auto", check_ids=True):
+    _check_strategy(strategy)
+    check_multi_task_linear_inputs(x, weight, bias, U, cores, V, task_ids, check_values=False)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+_GRAD_MESSAGE = (
+    f"{_OP} is inference-only and has no backward; run it under torch.no_grad() or "
+    "torch.inference_mode() (or detach the inputs), or train one task at a time with lowrank_linear"
+)
+
+
+def _refuse_grad(ctx, inputs, output):
+    raise RuntimeError(_GRAD_MESSAGE)
+
+
+def _no_backward(ctx, grad_out):  # pragma: no cover - _refuse_grad raises first
+    raise RuntimeError(_GRAD_MESSAGE)
+
+
+_multi_task_linear_op.register_autograd(_no_backward, setup_context=_refuse_grad)
+
+
+def multi_task_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    U: Tensor,
+    cores: Tensor,
+    V: Tensor,
+    task_ids: Tensor,
+    *,
+    strategy: str = "auto",
+    check_ids: bool = True,
+) -> Tensor:
+    """Row i: ``F.linear(x_i, weight, bias) + ((x_i @ U) @ cores[task_ids_i]) @ V.T``; -1 = base only.
+
+    Args:
+        x: (..., d_in). weight: (d_out, d_in). bias: (d_out,) or None. U: (d_in, k).
+        cores: (T, k, k). V: (d_out, k). One floating dtype (fp32, fp16, bf16; fp64 runs the
+        reference), one device, any strides.
+        task_ids: integer, shape ``x.shape[:-1]`` (per row) or ``x.shape[:1]`` (per sequence),
+        values in [-1, T).
+        strategy: "auto" (:func:`choose_strategy`), "gather" or "grouped" (Triton path only).
+        check_ids: check the id values (one host sync on a GPU; skipped anyway while a CUDA
+            graph is captured). Unchecked out-of-range ids give the base row.
+    Returns:
+        (..., d_out) in x's dtype. Rows with id -1 are bit-identical to ``F.linear(x, weight, bias)``.
+    Raises:
+        ValueError / TypeError for bad inputs; RuntimeError if gradients are required.
+    """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, U, cores, V)):
+        raise RuntimeError(_GRAD_MESSAGE)
+    return torch.ops.share_kernels.multi_task_linear(x, weight, bias, U, cores, V, task_ids, strategy, check_ids)
