@@ -48,6 +48,7 @@ class ContinualLearner:
         self.model = model
         self.layers = layers
         self.method = method_cls(layers, config)
+        self.method.model = model
         setattr(model, CONFIG_ATTR, config)
         #: the task between begin_task and end_task, if any
         self.current_task: Optional[str] = None

@@ -42,7 +42,8 @@ class Method(abc.ABC):
 
     - ``begin_task(name, batches)``: add the task to every layer and make it the active, trainable
       one. ``batches`` is the user's iterable of model inputs or None; a method that needs data
-      here (InfLoRA: input covariance, to design ``B_t``) runs the model on it itself.
+      here (InfLoRA: input covariance, to design ``B_t``) runs the model on it itself
+      (``self.model``, which the learner sets to the wrapped model).
     - ``trainable_parameters()``: what the optimizer updates for the task in progress.
     - ``extra_loss()``: a scalar the user adds to the task loss (PS-LoRA: stability loss); 0 here.
     - ``end_task(name, batches)``: the task-boundary algorithm (Share: consolidate the subspace;
@@ -56,6 +57,8 @@ class Method(abc.ABC):
     name: ClassVar[str]
     layer_cls: ClassVar[type[nn.Module]]
     config_cls: ClassVar[type]
+    #: the wrapped model, set by the learner (None until then)
+    model: Optional[nn.Module] = None
 
     def __init__(self, layers: dict[str, nn.Module], config: Any):
         self.layers = layers
