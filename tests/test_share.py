@@ -591,3 +591,16 @@ def test_bench_suite_quick_runs():
     assert len(params) == 9 and all(r["trainable_ratio"] > 1 and r["total_ratio"] > 1 for r in params)
     assert {r["case"] for r in steps} >= {"train_step share p=8 phi=2", "train_step share p=8 phi=0"}
     assert all(r["ms"] > 0 and r["saved MB"] > 0 for r in steps)
+
+
+def test_express_pads_when_k_is_below_p_and_the_rank():
+    """k < p < r: the k x k core keeps all its k directions, padded to p columns."""
+    from share_kernels.continual.share import _express
+
+    U = torch.linalg.qr(torch.randn(13, 2, dtype=F64)).Q
+    V = torch.linalg.qr(torch.randn(11, 2, dtype=F64)).Q
+    A, B = torch.randn(13, 6, dtype=F64), torch.randn(11, 6, dtype=F64)
+    ea, eb = _express(A, B, U, V, p=4)
+    assert ea.shape == (2, 4) and eb.shape == (2, 4)
+    core = (U.t() @ A) @ (V.t() @ B).t()
+    assert rel(ea @ eb.t(), core) < 1e-12

@@ -158,8 +158,14 @@ def _complete_basis(Q: Tensor, k: int, prefer: Tensor) -> Tensor:
     if Q.shape[1] >= k:
         return Q[:, :k]
     rest = prefer - Q @ (Q.t() @ prefer)
-    P, S, _ = torch.linalg.svd(rest, full_matrices=False)
-    Q = torch.cat([Q, P[:, S > 1e-6][:, : k - Q.shape[1]]], 1)
+    # QR in the preferred columns' order, not an SVD: ``rest`` is often nearly isotropic (old
+    # orthonormal directions), and an SVD's basis of a near-degenerate spectrum turns with
+    # rounding, so two runs that differ only in rounding would pad with different directions.
+    P, R = torch.linalg.qr(rest)
+    P = P[:, R.diagonal().abs() > 1e-6]
+    P = P - Q @ (Q.t() @ P)  # re-orthogonalize: the residual carries Q's rounding
+    P = torch.linalg.qr(P).Q if P.shape[1] else P
+    Q = torch.cat([Q, P[:, : k - Q.shape[1]]], 1)
     if Q.shape[1] < k:
         Q = torch.cat([Q, random_orthonormal(Q.shape[0], k - Q.shape[1], against=Q, like=Q)], 1)
     return Q
@@ -173,8 +179,10 @@ def _express(A: Tensor, B: Tensor, U: Tensor, V: Tensor, p: int) -> tuple[Tensor
     if r <= p:
         return torch.nn.functional.pad(a, (0, p - r)), torch.nn.functional.pad(b, (0, p - r))
     P, S, Qh = torch.linalg.svd(a @ b.t())
-    root = S[:p].sqrt()
-    return P[:, :p] * root, Qh[:p].t() * root
+    m = min(p, S.shape[0])  # the core is k x k: with k < p, pad the last p - k columns with zeros
+    root = S[:m].sqrt()
+    pad = (0, p - m)
+    return torch.nn.functional.pad(P[:, :m] * root, pad), torch.nn.functional.pad(Qh[:m].t() * root, pad)
 
 
 def _relative_change(A0: Tensor, B0: Tensor, A1: Tensor, B1: Tensor) -> float:
