@@ -17,8 +17,11 @@ import torch
 from .common import environment, format_table
 
 SUITES = {
+    "inflora": "share_kernels.bench.inflora",
     "lowrank_linear": "share_kernels.bench.lowrank_linear",
+    "multi_task_linear": "share_kernels.bench.multi_task_linear",
     "project_complement": "share_kernels.bench.project_complement",
+    "pslora": "share_kernels.bench.pslora",
     "share": "share_kernels.bench.share",
 }
 

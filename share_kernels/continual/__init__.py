@@ -4,9 +4,12 @@
 :class:`Method` (:mod:`.method`); ``save_adapters`` / ``load_adapters`` (:mod:`.io`) and
 ``adapter_stats`` (:mod:`.stats`) work for every method. Share lives in :mod:`.share`.
 """
+from .inflora import DualGPM, InfLoRAConfig, InfLoRAMethod, InfLoRAReport
 from .io import load_adapters, save_adapters
 from .learner import ContinualLearner
 from .method import Method, ParamCounts, get_method, register_method
+from .peft_io import from_peft_adapters, to_peft_adapter
+from .pslora import MergeReport, PSLoRAConfig, PSLoRAMethod, magnitude_merge
 from .share import (
     ConsolidationReport,
     ShareConfig,
@@ -17,13 +20,20 @@ from .share import (
     init_subspace_from_lora,
 )
 from .stats import AdapterStats, adapter_stats
-from .wrap import adapter_layers, match_linear_layers, route_tasks, wrap
+from .wrap import adapter_layers, match_linear_layers, task_ids, wrap
 
 __all__ = [
     "AdapterStats",
     "ConsolidationReport",
     "ContinualLearner",
+    "DualGPM",
+    "InfLoRAConfig",
+    "InfLoRAMethod",
+    "InfLoRAReport",
+    "MergeReport",
     "Method",
+    "PSLoRAConfig",
+    "PSLoRAMethod",
     "ParamCounts",
     "ShareConfig",
     "ShareMethod",
@@ -32,12 +42,15 @@ __all__ = [
     "build_subspace_from_lora",
     "consolidate",
     "consolidate_layer",
+    "from_peft_adapters",
     "get_method",
     "init_subspace_from_lora",
     "load_adapters",
+    "magnitude_merge",
     "match_linear_layers",
     "register_method",
-    "route_tasks",
     "save_adapters",
+    "task_ids",
+    "to_peft_adapter",
     "wrap",
 ]

@@ -1,4 +1,6 @@
 """Modules: a frozen ``nn.Linear`` kept as ``base_layer`` plus a method's adapters."""
+from .inflora_linear import InfLoRALinear
+from .pslora_linear import PSLoRALinear
 from .share_linear import ShareLinear
 
-__all__ = ["ShareLinear"]
+__all__ = ["InfLoRALinear", "PSLoRALinear", "ShareLinear"]
