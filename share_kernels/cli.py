@@ -23,11 +23,11 @@ def _bench(args) -> int:
 
 
 def _compress(args) -> int:
-    from .continual.compress import compress
+    from .continual.compress import compress, parse_adapter_args
 
     try:
         report = compress(
-            args.adapters, args.k, args.out, p=args.p, base=args.base, plot=args.plot, max_k=args.max_k,
+            parse_adapter_args(args.adapters), args.k, args.out, p=args.p, base=args.base, plot=args.plot, max_k=args.max_k,
             progress=not args.quiet, device=args.device or _default_device(),
         )
     except (ValueError, TypeError, ImportError) as e:
@@ -56,7 +56,10 @@ def main(argv=None) -> int:
     b.add_argument("--out", default="bench-out", help="directory for the CSV files (default: bench-out)")
     b.set_defaults(func=_bench)
     c = sub.add_parser("compress", help="compress peft LoRA adapters into one Share subspace and report the error")
-    c.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="peft adapter directories (task = dir name)")
+    c.add_argument(
+        "adapters", nargs="+", metavar="ADAPTER_DIR",
+        help="peft adapter directories (task = dir name), or NAME=DIR to name the task",
+    )
     c.add_argument("--k", required=True, help="directions per layer (int), or an explained-energy threshold like 0.99")
     c.add_argument("--out", required=True, help="output directory (share_kernels.load_adapters reads it)")
     c.add_argument("--p", type=int, help="coefficient columns per task (default: the largest adapter rank, exact)")

@@ -406,11 +406,16 @@ def _copy_with_config(src, dst, **changes):
             "modules_to_save",
         ),
         (lambda s, p: p.__setitem__(0, save_lora(s, p[1], 9, r=2, lora_alpha=2, bias="lora_only")), "bias"),
+        (
+            lambda s, p: p.__setitem__(0, _copy_with_config(p[2], p[1], init_lora_weights="pissa_niter_4")),
+            "init_lora_weights='pissa_niter_4' is not supported",
+        ),
+        (lambda s, p: p.__setitem__(0, _copy_with_config(p[2], p[1], init_lora_weights="olora")), "olora"),
     ],
-    ids=["ia3", "loha", "dora", "modules_to_save", "bias"],
+    ids=["ia3", "loha", "dora", "modules_to_save", "bias", "pissa", "olora"],
 )
 def test_rejects_what_share_cannot_represent(base_state, adapters, tmp_path, make, match):
-    slot = [None, str(tmp_path / "bad")]
+    slot = [None, str(tmp_path / "bad"), adapters["plain"]]
     make(base_state, slot)
     with pytest.raises(ValueError, match=match):
         share_kernels.from_peft_adapters(fresh(base_state), [adapters["plain"], slot[0]], k=8)
@@ -621,3 +626,25 @@ def test_svds_on_cuda_match_cpu(base_state, adapters):
         lc, lg = adapter_layers(fits["cpu-model"])[fc.name], adapter_layers(fits["cuda-model"])[fg.name]
         for t in adapters:  # bases may differ in sign; the updates may not
             assert rel(lg.delta_weight(t), lc.delta_weight(t)) < 1e-10
+
+
+def test_cli_names_adapters_with_name_equals_dir(adapters, tmp_path, capsys):
+    """Checkpoint layouts (run1/checkpoint-500, run2/checkpoint-500) share a basename: NAME=DIR
+    names them apart; without names the error says how."""
+    a, b = tmp_path / "run1" / "checkpoint-500", tmp_path / "run2" / "checkpoint-500"
+    shutil.copytree(adapters["plain"], a)
+    shutil.copytree(adapters["rslora"], b)
+    out = str(tmp_path / "out")
+    assert main(["compress", str(a), str(b), "--k", "4", "--out", out, "--quiet"]) == 2
+    assert "NAME=DIR" in capsys.readouterr().err
+    assert main(["compress", f"first={a}", f"second={b}", "--k", "4", "--out", out, "--quiet"]) == 0
+    with open(os.path.join(out, "share_config.json")) as f:
+        assert json.load(f)["tasks"] == ["first", "second"]
+    from share_kernels.continual.compress import parse_adapter_args
+
+    assert parse_adapter_args([str(a), f"x={b}"]) == {"checkpoint-500": str(a), "x": str(b)}
+    assert parse_adapter_args([str(a)]) == [str(a)]
+    with pytest.raises(ValueError, match="NAME=ADAPTER_DIR"):
+        parse_adapter_args([f"={a}"])
+    with pytest.raises(ValueError, match="two adapters would be named 'x'"):
+        parse_adapter_args([f"x={a}", f"x={b}"])

@@ -270,6 +270,28 @@ def _tqdm():
     return tqdm
 
 
+def parse_adapter_args(args: Sequence[str]) -> Union[list[str], dict[str, str]]:
+    """The command's ``ADAPTER_DIR`` / ``NAME=DIR`` arguments: a list of directories (tasks named
+    after them), or, when any argument names its task, a ``{name: dir}`` mapping. An argument
+    that is itself an existing path is a directory even if it contains ``=``."""
+    named: dict[str, str] = {}
+    any_named = False
+    for a in args:
+        name, sep, path = a.partition("=")
+        if sep and not os.path.exists(a):
+            if not name or not path:
+                raise ValueError(f"adapter argument {a!r}: expected ADAPTER_DIR or NAME=ADAPTER_DIR")
+            any_named = True
+        else:
+            name, path = os.path.basename(os.path.normpath(a)), a
+        if name in named:
+            raise ValueError(
+                f"two adapters would be named {name!r} ({named[name]!r} and {path!r}); name them apart with NAME=DIR"
+            )
+        named[name] = path
+    return named if any_named else list(args)
+
+
 def compress(
     adapter_dirs: Union[Sequence[str], dict],
     k: Union[int, float, str],

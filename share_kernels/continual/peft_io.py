@@ -73,6 +73,8 @@ _UNSUPPORTED = {
     "monteclora_config": (None,),
     "use_bdlora": (None, False),
 }
+# init_lora_weights values whose adapters only mean something on a rewritten (residual) base.
+_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _WHY = {
     "fan_in_fan_out": "its targets are Conv1D layers (GPT-2 style, weight stored as d_in x d_out); Share wraps "
     "nn.Linear only",
@@ -195,6 +197,14 @@ def _read_config(path: str) -> dict:
         if v not in noop:
             why = _WHY.get(opt, "Share represents only the low-rank update s·B·A of nn.Linear layers")
             raise ValueError(f"peft adapter {path!r}: {opt}={v!r} is not supported: {why}")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_RESIDUAL_INITS):
+        raise ValueError(
+            f"peft adapter {path!r}: init_lora_weights={init!r} is not supported: such an adapter is relative "
+            "to a base weight that peft rewrites on load (W minus the initial s·B·A), so adding s·B·A to the "
+            "original base would be wrong. Convert it to a plain LoRA first: save it with "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=<the saved initial adapter>)"
+        )
     for opt in ("r", "lora_alpha"):
         v = cfg.get(opt)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
@@ -452,7 +462,8 @@ def _as_named_paths(adapter_paths) -> dict[str, str]:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(
-            f"several adapter directories are named {dup}; pass a mapping {{name: path}} to name them apart"
+            f"several adapter directories are named {dup}; name them apart: a mapping {{name: path}} in Python, "
+            "NAME=DIR arguments on the command line"
         )
     return dict(zip(names, paths))
 
@@ -535,7 +546,9 @@ def ingest(
         try:
             check_task_name(a.name)
         except ValueError as e:
-            raise ValueError(f"adapter {a.path!r}: {e}; name it with a mapping {{name: path}}") from None
+            raise ValueError(
+                f"adapter {a.path!r}: {e}; name it: a mapping {{name: path}} in Python, NAME=DIR on the command line"
+            ) from None
     rank = max(a.rank(n) for a in adapters for n in shapes)
     p = rank if p is None else p
     if isinstance(k, int) and k > max_k:

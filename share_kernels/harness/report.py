@@ -125,7 +125,8 @@ def format_report(results: dict) -> str:
     heads = ", ".join(f"{t['name']} {t['head_params']}" for t in results["tasks"])
     parts.append(
         "TI: task-incremental (task id known), CI: class-incremental (no task id). Accuracy, BWT and "
-        "forgetting in points; trainable / stored: adapter parameters, float32 bytes (the heads, the "
+        f"forgetting in points; trainable / stored: adapter parameters, {results['config'].get('dtype', 'float32')} "
+        "bytes (the heads, the "
         f"same for every method, are not counted: {heads} parameters)."
     )
     parts.append(summary_table(results))
