@@ -54,6 +54,18 @@ def test_stream_splits_are_fixed_disjoint_and_balanced():
     assert load_task("bbc", 2, 3).test_texts == tasks[0].test_texts
 
 
+def test_no_text_is_in_two_tasks():
+    """Class-incremental: one text, one label. Some corpora share short texts ("Robots"); every
+    task leaves out the texts that another task's corpus also has, whatever the stream."""
+    big = load_tasks(DEFAULT_TASKS, train_per_class=64, test_per_class=48, seed=0)
+    owner = {}
+    for t in big:
+        for text in t.train_texts + t.test_texts:
+            assert owner.setdefault(text, t.name) == t.name, (text, owner[text], t.name)
+    alone = load_task("chat-b", 64, 48, seed=0)  # a stream of one task gives the same split
+    assert alone.test_texts == big[-1].test_texts
+
+
 def test_stream_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         load_task("nope", 4, 4)

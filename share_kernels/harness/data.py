@@ -25,6 +25,7 @@ files on disk.
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import os
 import random
@@ -123,9 +124,21 @@ def _seed_of(*parts) -> int:
     return zlib.crc32("|".join(map(str, parts)).encode())
 
 
+def _normalized(texts) -> set[str]:
+    return {" ".join(t.split()) for t in texts} - {""}
+
+
+@functools.lru_cache(maxsize=None)
+def _texts_of(name: str) -> frozenset[str]:
+    """Every normalized text of task ``name``'s corpus, all classes."""
+    return frozenset().union(*(_normalized(v) for v in CORPORA[name][1]().values()))
+
+
 def load_task(name: str, train_per_class: int, test_per_class: int, seed: int = 0) -> Task:
     """Task ``name`` with ``train_per_class`` / ``test_per_class`` examples of each class
-    (fewer when a class has fewer distinct texts; ValueError when one has none left for train)."""
+    (fewer when a class has fewer distinct texts; ValueError when one has none left for train).
+    A text that also occurs in another task of :data:`CORPORA` is left out (whatever the stream),
+    so no text has two labels in the class-incremental label space."""
     if name not in CORPORA:
         raise ValueError(f"unknown task {name!r}; tasks are {list(CORPORA)}")
     for arg, v in (("train_per_class", train_per_class), ("test_per_class", test_per_class)):
@@ -134,9 +147,9 @@ def load_task(name: str, train_per_class: int, test_per_class: int, seed: int = 
     by_class = CORPORA[name][1]()
     classes = sorted(by_class)
     split = {"train": ([], []), "test": ([], [])}
-    seen: set[str] = set()
+    seen: set[str] = set().union(*(_texts_of(o) for o in CORPORA if o != name))
     for ci, cls in enumerate(classes):
-        texts = sorted({" ".join(t.split()) for t in by_class[cls]} - {""})
+        texts = sorted(_normalized(by_class[cls]))
         texts = [t for t in texts if t not in seen]  # a text listed under two classes goes to the first
         seen.update(texts)
         random.Random(_seed_of(seed, name, cls)).shuffle(texts)

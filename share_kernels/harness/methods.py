@@ -79,7 +79,11 @@ def method_defaults(method: str, rank: int, n_tasks: int = 0) -> dict:
         if name in fields:
             out[name] = rank
     if method == "share":
-        out.update(k=32, p=4, phi=2)  # 2kp = 256 stored per layer and task: 24x below LoRA r=8 here
+        # 2kp = 256 stored per layer and task: 24x below LoRA r=8 here. p = 8 keeps a task's
+        # update at the LoRA's rank and φ = 8 temporary directions (trained, not stored) give a
+        # new task room outside the subspace; k = 32, p = 4, φ = 2 trailed per-task LoRA by ~2
+        # points (README, issue 9 results).
+        out.update(k=16, p=8, phi=8)
     if "total_tasks" in fields and n_tasks:
         out["total_tasks"] = n_tasks  # InfLoRA's threshold schedule runs over the stream
     return out
