@@ -28,6 +28,16 @@ def triton_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (queried once per device, on first use)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Whether an op on these tensors runs its Triton kernel.
 

@@ -19,17 +19,13 @@ from share_kernels.continual import (
 )
 from share_kernels.continual.pslora import MergeReport, merge_layer
 from share_kernels.nn import PSLoRALinear
+from tests.test_stability_loss import naive64
 
 F64 = torch.float64
 
 
 def rel_err(out, ref):
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def naive_loss64(A, B, P, alpha):
-    D = B.double() @ A.double()
-    return ((1 - torch.tanh(alpha * D) * torch.tanh(alpha * P.double())) * D**2).sum()
 
 
 # ----------------------------------------------------------------------------- merge rule
@@ -118,7 +114,7 @@ def test_layer_stability_loss_puts_the_scale_on_B_and_lam_in_extra_loss():
     A, B = layer.lora_A["t0"], layer.lora_B["t0"]
     loss = layer.extra_loss()
     a, b = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
-    ref = 0.3 * naive_loss64(a, layer.scale * b, P, 5.0)
+    ref = 0.3 * naive64(a, layer.scale * b, P, 5.0)
     ref.backward()
     loss.backward()
     assert rel_err(loss, ref.detach()) < 1e-12
@@ -270,7 +266,7 @@ def test_extra_loss_sums_layers_times_lam():
         layer.set_history(torch.randn_like(layer.prev_delta) * 0.1)
     got = learner.extra_loss()
     want = 0.25 * sum(
-        naive_loss64(l.lora_A["a"], l.scale * l.lora_B["a"], l.prev_delta, 7.0) for l in learner.layers.values()
+        naive64(l.lora_A["a"], l.scale * l.lora_B["a"], l.prev_delta, 7.0) for l in learner.layers.values()
     )
     assert got.dtype == torch.float32 and rel_err(got, want.detach()) < 1e-5
     # a learner built with other loss settings pushes them into the layers

@@ -439,12 +439,7 @@ class InfLoRAMethod(Method):
 
     def __init__(self, layers: dict[str, InfLoRALinear], config: InfLoRAConfig):
         super().__init__(layers, config)
-        for n, layer in layers.items():
-            if layer.r != config.r or layer.scale != config.scale:
-                raise ValueError(
-                    f"layer {n!r} was built with r={layer.r}, scale={layer.scale}; the config says "
-                    f"r={config.r}, scale={config.scale}"
-                )
+        self.check_layers_match({"r": "r", "scale": "scale"})
 
     @classmethod
     def layer_kwargs(cls, config: InfLoRAConfig) -> dict:

@@ -64,6 +64,17 @@ class Method(abc.ABC):
         self.layers = layers
         self.config = config
 
+    def check_layers_match(self, fields: dict[str, str]) -> None:
+        """ValueError naming the first layer built with other values of these config fields
+        (``{config field: layer attribute}``) than ``self.config`` has (e.g. a loaded model
+        handed a different config)."""
+        want = {f: getattr(self.config, f) for f in fields}
+        for n, layer in self.layers.items():
+            got = {f: getattr(layer, a) for f, a in fields.items()}
+            if got != want:
+                show = lambda d: ", ".join(f"{k}={v}" for k, v in d.items())  # noqa: E731
+                raise ValueError(f"layer {n!r} was built with {show(got)}; the config says {show(want)}")
+
     @classmethod
     @abc.abstractmethod
     def layer_kwargs(cls, config: Any) -> dict:

@@ -131,12 +131,8 @@ class PSLoRAMethod(Method):
 
     def __init__(self, layers: dict[str, PSLoRALinear], config: PSLoRAConfig):
         super().__init__(layers, config)
-        for n, layer in layers.items():
-            if layer.requested_r != config.r or layer.lora_alpha != config.lora_alpha:
-                raise ValueError(
-                    f"layer {n!r} was built with r={layer.requested_r}, lora_alpha={layer.lora_alpha}; the config "
-                    f"says r={config.r}, lora_alpha={config.lora_alpha}"
-                )
+        self.check_layers_match({"r": "requested_r", "lora_alpha": "lora_alpha"})
+        for layer in layers.values():
             # Loss hyperparameters change no stored tensor: the config's win.
             layer.alpha, layer.lam = config.alpha, config.lam
 

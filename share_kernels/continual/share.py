@@ -325,12 +325,7 @@ class ShareMethod(Method):
 
     def __init__(self, layers: dict[str, ShareLinear], config: ShareConfig):
         super().__init__(layers, config)
-        for n, layer in layers.items():
-            if layer.p != config.p or layer.scale != config.scale:
-                raise ValueError(
-                    f"layer {n!r} was built with p={layer.p}, scale={layer.scale}; the config says "
-                    f"p={config.p}, scale={config.scale}"
-                )
+        self.check_layers_match({"p": "p", "scale": "scale"})
 
     @classmethod
     def layer_kwargs(cls, config: ShareConfig) -> dict:

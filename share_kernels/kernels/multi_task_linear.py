@@ -27,13 +27,12 @@ second launch (punica / vLLM's shrink + expand).
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from .._utils import triton_interpreting
+from .._utils import sm_count, triton_interpreting
 from .lowrank_linear import dot_precision
 
 #: Largest k the kernel takes; beyond it the op runs its PyTorch reference.
@@ -222,16 +221,9 @@ def _m_bucket(m: int) -> int:
     return min(max(triton.next_power_of_2(m), 16), 8192)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _n_split(M: int, N: int, block_m: int, block_n: int, device: torch.device) -> int:
     """Column splits per row block: enough programs for two per SM, at most one per column tile."""
-    target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device()) if (
-        device.type == "cuda"
-    ) else 2
+    target = 2 * sm_count(device) if device.type == "cuda" else 2
     return max(1, min(triton.cdiv(N, block_n), triton.cdiv(target, triton.cdiv(M, block_m))))
 
 

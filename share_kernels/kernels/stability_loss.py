@@ -26,13 +26,12 @@ gradients run-to-run nondeterministic.
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from .._utils import triton_interpreting
+from .._utils import sm_count, triton_interpreting
 
 #: Largest R the kernel keeps in registers (the dA accumulator is R x BLOCK_N fp32); beyond it
 #: the op runs its (chunked) reference.
@@ -152,14 +151,9 @@ def _stability_loss_kernel(
                  da_acc, mask=r_ok[:, None] & n_ok[None, :])
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return 4 * sm_count(device)
     return 4  # interpreter: enough programs to exercise both reduction levels
 
 
