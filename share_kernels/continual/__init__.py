@@ -6,9 +6,10 @@
 """
 from .inflora import DualGPM, InfLoRAConfig, InfLoRAMethod, InfLoRAReport
 from .io import load_adapters, save_adapters
-from .learner import ContinualLearner
+from .learner import ContinualLearner, set_task
 from .method import Method, ParamCounts, get_method, register_method
 from .peft_io import from_peft_adapters, to_peft_adapter
+from .pretrained import base_state_dict, from_pretrained, save_pretrained
 from .pslora import MergeReport, PSLoRAConfig, PSLoRAMethod, magnitude_merge
 from .share import (
     ConsolidationReport,
@@ -20,13 +21,14 @@ from .share import (
     init_subspace_from_lora,
 )
 from .stats import AdapterStats, adapter_stats
-from .wrap import adapter_layers, match_linear_layers, task_ids, wrap
+from .wrap import FrozenParameters, adapter_layers, find_config, match_linear_layers, task_ids, wrap
 
 __all__ = [
     "AdapterStats",
     "ConsolidationReport",
     "ContinualLearner",
     "DualGPM",
+    "FrozenParameters",
     "InfLoRAConfig",
     "InfLoRAMethod",
     "InfLoRAReport",
@@ -39,9 +41,12 @@ __all__ = [
     "ShareMethod",
     "adapter_layers",
     "adapter_stats",
+    "base_state_dict",
     "build_subspace_from_lora",
     "consolidate",
     "consolidate_layer",
+    "find_config",
+    "from_pretrained",
     "from_peft_adapters",
     "get_method",
     "init_subspace_from_lora",
@@ -50,6 +55,8 @@ __all__ = [
     "match_linear_layers",
     "register_method",
     "save_adapters",
+    "save_pretrained",
+    "set_task",
     "task_ids",
     "to_peft_adapter",
     "wrap",
