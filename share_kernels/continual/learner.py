@@ -9,7 +9,15 @@ import torch.nn as nn
 
 from ..nn.common import check_task_name
 from .method import get_method
-from .wrap import CONFIG_ATTR, FrozenParameters, TargetModules, adapter_layers, find_config, model_method, wrap_and_report
+from .wrap import (
+    CONFIG_ATTR,
+    FrozenParameters,
+    TargetModules,
+    adapter_layers,
+    find_config,
+    model_method,
+    wrap_and_report,
+)
 
 
 def set_task(model: nn.Module, name: Optional[str]) -> None:
@@ -24,9 +32,8 @@ def set_task(model: nn.Module, name: Optional[str]) -> None:
         lacking = [n for n, layer in layers.items() if name not in layer.tasks]
         if lacking:
             tasks = next(iter(layers.values())).tasks
-            raise ValueError(
-                f"unknown task {name!r}; tasks are {tasks}" + (f" (layers without it: {lacking[:4]})" if len(lacking) < len(layers) else "")
-            )
+            partly = f" (layers without it: {lacking[:4]})" if len(lacking) < len(layers) else ""
+            raise ValueError(f"unknown task {name!r}; tasks are {tasks}{partly}")
     method_cls(layers, config).set_task(name)
 
 

@@ -79,7 +79,9 @@ def save_pretrained(
         model.save_pretrained(directory, state_dict=state, **hf_kwargs)
     else:
         if hf_kwargs:
-            raise TypeError(f"save_pretrained: {sorted(hf_kwargs)} are for transformers models; got a {type(model).__name__}")
+            raise TypeError(
+                f"save_pretrained: {sorted(hf_kwargs)} are for transformers models; got a {type(model).__name__}"
+            )
         # clone: safetensors refuses tensors that share storage (tied weights); each key gets its own copy
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
         atomic_write(os.path.join(directory, WEIGHTS_FILE), save(tensors, metadata={"format": "pt"}))
@@ -163,7 +165,9 @@ def _load_base(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> 
 
 
 def from_pretrained(
-    model_or_id: Union[nn.Module, str, os.PathLike], directory: Optional[Union[str, os.PathLike]] = None, **hf_kwargs: Any
+    model_or_id: Union[nn.Module, str, os.PathLike],
+    directory: Optional[Union[str, os.PathLike]] = None,
+    **hf_kwargs: Any,
 ) -> nn.Module:
     """Load a folder written by :func:`save_pretrained`; returns the wrapped model, base active.
 

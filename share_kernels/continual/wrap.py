@@ -92,7 +92,9 @@ def find_config(model: nn.Module) -> tuple[str, Any]:
     own = getattr(model, CONFIG_ATTR, None)
     if own is not None:
         return "", own
-    found = [(n, getattr(m, CONFIG_ATTR)) for n, m in model.named_modules() if getattr(m, CONFIG_ATTR, None) is not None]
+    found = [
+        (n, getattr(m, CONFIG_ATTR)) for n, m in model.named_modules() if getattr(m, CONFIG_ATTR, None) is not None
+    ]
     if not found:
         n_sub = sum(1 for _ in model.modules()) - 1
         raise ValueError(
@@ -144,7 +146,8 @@ class FrozenParameters:
     ``count`` tensors holding ``numel`` values in all; ``outside``: the names of those that are
     not in an adapted layer and, for a transformers model, not in its backbone
     (``model.base_model``): a task head. A model without ``base_model`` has no known backbone, so
-    every frozen parameter outside the adapted layers is listed. ``kept``: parameters left trainable by ``keep_trainable``.
+    every frozen parameter outside the adapted layers is listed. ``kept``: parameters left
+    trainable by ``keep_trainable``.
     """
 
     count: int
@@ -191,10 +194,14 @@ def _match_modules(model: nn.Module, patterns: TargetModules, arg: str) -> list[
 
 
 def freeze(
-    model: nn.Module, adapted: Sequence[str], keep_trainable: Optional[TargetModules] = None
+    model: nn.Module,
+    adapted: Sequence[str],
+    keep_trainable: Optional[TargetModules] = None,
+    trainable_before: Optional[set[int]] = None,
 ) -> FrozenParameters:
     """Freeze every parameter of ``model`` except those under the ``keep_trainable`` modules;
-    report what changed. ``adapted``: the names of the adapted layers."""
+    report what changed. ``adapted``: the names of the adapted layers; ``trainable_before``: the
+    ids of the parameters that required grad before wrapping (default: now)."""
     keep = [] if keep_trainable is None else _match_modules(model, keep_trainable, "keep_trainable")
     clash = [k for k in keep if _under(k, adapted) or any(_under(a, [k]) for a in adapted)]
     if clash:
@@ -202,13 +209,15 @@ def freeze(
             f"keep_trainable={keep_trainable!r} selects {clash[:4]}, which hold adapted layers: their base "
             "weights stay frozen (the adapters are what trains)"
         )
-    before = {n for n, p in model.named_parameters() if p.requires_grad}
-    kept = tuple(n for n, p in model.named_parameters() if _under(n, keep) and p.requires_grad)
+    before = trainable_before
+    if before is None:
+        before = {id(p) for p in model.parameters() if p.requires_grad}
+    kept = tuple(n for n, p in model.named_parameters() if _under(n, keep) and id(p) in before)
     model.requires_grad_(False)
     for n, p in model.named_parameters():
         if n in kept:
             p.requires_grad_(True)
-    frozen = [n for n, _ in model.named_parameters() if n in before and n not in kept]
+    frozen = [n for n, p in model.named_parameters() if id(p) in before and n not in kept]
     # transformers models name their backbone (``base_model``: the model itself when it has no head)
     base = getattr(model, "base_model", None)
     backbone = [n for n, m in model.named_modules() if isinstance(base, nn.Module) and m is base][:1]
@@ -237,8 +246,9 @@ def wrap_and_report(
     targets = match_linear_layers(model, target_modules)
     if keep_trainable is not None:
         _match_modules(model, keep_trainable, "keep_trainable")  # bad names fail before the model changes
+    before = {id(p) for p in model.parameters() if p.requires_grad}  # the layers freeze their base on wrapping
     replace_linears(model, method_cls.layer_cls, {n: kwargs for n in targets})
-    report = freeze(model, targets, keep_trainable)
+    report = freeze(model, targets, keep_trainable, before)
     setattr(model, CONFIG_ATTR, config)
     logger.info("%s", report)
     if report.outside:

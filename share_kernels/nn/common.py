@@ -30,7 +30,9 @@ def _base_keys_to_original_names(module: nn.Module, state_dict: dict, prefix: st
     items = list(state_dict.items())
     renamed = {prefix + k[len(base) :] if k.startswith(base) else k for k, _ in items}
     if len(renamed) != len(items):  # an adapter tensor named like a base one: refuse rather than overwrite
-        raise ValueError(f"{type(module).__name__} at {prefix[:-1]!r}: adapter state names collide with the base layer's")
+        raise ValueError(
+            f"{type(module).__name__} at {prefix[:-1]!r}: adapter state names collide with the base layer's"
+        )
     state_dict.clear()
     for k, v in items:
         state_dict[prefix + k[len(base) :] if k.startswith(base) else k] = v
