@@ -178,7 +178,6 @@ def test_trainer_checkpoint_reloads_plainly_as_base_and_through_share_kernels_in
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, want)
     # by path, in a fresh process
-    torch.save  # (tensors cross the process boundary as safetensors, never pickle)
     from safetensors.torch import load_file, save_file
 
     save_file({"ids": ids}, str(tmp_path / "ids.safetensors"))
