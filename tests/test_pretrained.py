@@ -177,6 +177,12 @@ def test_trainer_checkpoint_reloads_plainly_as_base_and_through_share_kernels_in
     set_task(loaded, "t1")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, want)
+    # the base by name or path (here an untrained copy), the saved base weights and adapters on top
+    tiny_bert().save_pretrained(str(tmp_path / "other_base"))
+    loaded = from_pretrained(str(tmp_path / "other_base"), out).eval()
+    set_task(loaded, "t1")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want)
     # by path, in a fresh process
     from safetensors.torch import load_file, save_file
 
