@@ -337,6 +337,9 @@ def test_wrap_says_what_it_froze(caplog):
     model = tiny_bert()
     with pytest.raises(ValueError, match="keep_trainable=\\['query'\\] selects .*hold adapted layers"):
         wrap(model, "share", ["query"], keep_trainable=["query"], k=2, p=2)
+    with pytest.raises(ValueError, match="hold adapted layers"):
+        wrap(model, "share", ["query"], keep_trainable=["encoder"], k=2, p=2)
+    assert not share_kernels.continual.adapter_layers(model)  # refused before anything changed
     model = tiny_bert()
     with pytest.raises(ValueError, match="keep_trainable=\\['head'\\] matched no submodule"):
         wrap(model, "share", ["query"], keep_trainable=["head"], k=2, p=2)

@@ -193,15 +193,8 @@ def _match_modules(model: nn.Module, patterns: TargetModules, arg: str) -> list[
     return matched
 
 
-def freeze(
-    model: nn.Module,
-    adapted: Sequence[str],
-    keep_trainable: Optional[TargetModules] = None,
-    trainable_before: Optional[set[int]] = None,
-) -> FrozenParameters:
-    """Freeze every parameter of ``model`` except those under the ``keep_trainable`` modules;
-    report what changed. ``adapted``: the names of the adapted layers; ``trainable_before``: the
-    ids of the parameters that required grad before wrapping (default: now)."""
+def _keep_modules(model: nn.Module, keep_trainable: Optional[TargetModules], adapted: Sequence[str]) -> list[str]:
+    """The modules ``keep_trainable`` names; ValueError when one is, holds or sits in an adapted layer."""
     keep = [] if keep_trainable is None else _match_modules(model, keep_trainable, "keep_trainable")
     clash = [k for k in keep if _under(k, adapted) or any(_under(a, [k]) for a in adapted)]
     if clash:
@@ -209,9 +202,13 @@ def freeze(
             f"keep_trainable={keep_trainable!r} selects {clash[:4]}, which hold adapted layers: their base "
             "weights stay frozen (the adapters are what trains)"
         )
-    before = trainable_before
-    if before is None:
-        before = {id(p) for p in model.parameters() if p.requires_grad}
+    return keep
+
+
+def freeze(model: nn.Module, adapted: Sequence[str], keep: Sequence[str], before: set[int]) -> FrozenParameters:
+    """Freeze every parameter of ``model`` except those under the ``keep`` modules; report what
+    changed. ``adapted``: the names of the adapted layers; ``before``: the ids of the parameters
+    that required grad before wrapping."""
     kept = tuple(n for n, p in model.named_parameters() if _under(n, keep) and id(p) in before)
     model.requires_grad_(False)
     for n, p in model.named_parameters():
@@ -244,11 +241,10 @@ def wrap_and_report(
         )
     kwargs = method_cls.layer_kwargs(config)
     targets = match_linear_layers(model, target_modules)
-    if keep_trainable is not None:
-        _match_modules(model, keep_trainable, "keep_trainable")  # bad names fail before the model changes
+    keep = _keep_modules(model, keep_trainable, targets)  # bad names fail before the model changes
     before = {id(p) for p in model.parameters() if p.requires_grad}  # the layers freeze their base on wrapping
     replace_linears(model, method_cls.layer_cls, {n: kwargs for n in targets})
-    report = freeze(model, targets, keep_trainable, before)
+    report = freeze(model, targets, keep, before)
     setattr(model, CONFIG_ATTR, config)
     logger.info("%s", report)
     if report.outside:
