@@ -242,6 +242,26 @@ def test_round_trip_of_a_plain_module_and_what_is_refused(tmp_path, method):
         from_pretrained(mlp())
 
 
+def test_sharded_base_weights_load_into_an_instance(tmp_path):
+    model = tiny_bert()
+    learner = ContinualLearner(model, "share", ["query", "value"], k=4, p=2, r=2)
+    learner.begin_task("a")
+    with torch.no_grad():
+        for p in learner.trainable_parameters():
+            p.normal_(0, 0.3)
+    learner.end_task("a")
+    save_pretrained(model, tmp_path, max_shard_size="10KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    loaded = from_pretrained(tiny_bert(), tmp_path)  # another random init: every weight must come from the files
+    ids = Data().ids[:3]
+    for t in ("a", None):
+        set_task(loaded, t)
+        learner.set_task(t)
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, model(ids).logits), t
+
+
 # ----------------------------------------------------------------------------- config lookup
 
 

@@ -131,6 +131,9 @@ def _read_weights(directory: str) -> dict[str, torch.Tensor]:
     if os.path.exists(index):
         with open(index) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
+        bad = [s for s in shards if os.path.basename(s) != s]
+        if bad:
+            raise ValueError(f"{index}: shard names must be file names in the folder; got {bad[:4]}")
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
             state.update(load_file(os.path.join(directory, shard)))
