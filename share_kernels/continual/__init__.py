@@ -2,7 +2,9 @@
 
 ``wrap`` / ``ContinualLearner`` (:mod:`.wrap`, :mod:`.learner`) dispatch to a registered
 :class:`Method` (:mod:`.method`); ``save_adapters`` / ``load_adapters`` (:mod:`.io`) and
-``adapter_stats`` (:mod:`.stats`) work for every method. Share lives in :mod:`.share`.
+``adapter_stats`` (:mod:`.stats`) work for every method; ``save_pretrained`` /
+``from_pretrained`` (:mod:`.pretrained`) add the base model to them, HF style. Share lives in
+:mod:`.share`.
 """
 from .inflora import DualGPM, InfLoRAConfig, InfLoRAMethod, InfLoRAReport
 from .io import load_adapters, save_adapters
