@@ -13,6 +13,7 @@ from share_kernels.continual import (
     ContinualLearner,
     ShareConfig,
     adapter_stats,
+    base_state_dict,
     build_subspace_from_lora,
     consolidate_layer,
     init_subspace_from_lora,
@@ -463,7 +464,7 @@ def test_save_load_round_trip(tmp_path):
     assert os.path.getsize(tmp_path / "task-a.safetensors") < 1024
 
     fresh = tiny_mlp()
-    fresh.load_state_dict({k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "base_layer" in k})
+    fresh.load_state_dict(base_state_dict(model))  # the base weights, under the plain model's names
     assert load_adapters(fresh, tmp_path) == ["a", "b"]  # wraps the unwrapped model
     assert isinstance(fresh[0], ShareLinear) and fresh[0].active_task is None
     got = outputs(fresh, ["a", "b", None], x)

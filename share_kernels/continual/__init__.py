@@ -2,13 +2,16 @@
 
 ``wrap`` / ``ContinualLearner`` (:mod:`.wrap`, :mod:`.learner`) dispatch to a registered
 :class:`Method` (:mod:`.method`); ``save_adapters`` / ``load_adapters`` (:mod:`.io`) and
-``adapter_stats`` (:mod:`.stats`) work for every method. Share lives in :mod:`.share`.
+``adapter_stats`` (:mod:`.stats`) work for every method; ``save_pretrained`` /
+``from_pretrained`` (:mod:`.pretrained`) add the base model to them, HF style. Share lives in
+:mod:`.share`.
 """
 from .inflora import DualGPM, InfLoRAConfig, InfLoRAMethod, InfLoRAReport
 from .io import load_adapters, save_adapters
-from .learner import ContinualLearner
+from .learner import ContinualLearner, set_task
 from .method import Method, ParamCounts, get_method, register_method
 from .peft_io import from_peft_adapters, to_peft_adapter
+from .pretrained import base_state_dict, from_pretrained, save_pretrained
 from .pslora import MergeReport, PSLoRAConfig, PSLoRAMethod, magnitude_merge
 from .share import (
     ConsolidationReport,
@@ -20,13 +23,14 @@ from .share import (
     init_subspace_from_lora,
 )
 from .stats import AdapterStats, adapter_stats
-from .wrap import adapter_layers, match_linear_layers, task_ids, wrap
+from .wrap import FrozenParameters, adapter_layers, find_config, match_linear_layers, task_ids, wrap
 
 __all__ = [
     "AdapterStats",
     "ConsolidationReport",
     "ContinualLearner",
     "DualGPM",
+    "FrozenParameters",
     "InfLoRAConfig",
     "InfLoRAMethod",
     "InfLoRAReport",
@@ -39,9 +43,12 @@ __all__ = [
     "ShareMethod",
     "adapter_layers",
     "adapter_stats",
+    "base_state_dict",
     "build_subspace_from_lora",
     "consolidate",
     "consolidate_layer",
+    "find_config",
+    "from_pretrained",
     "from_peft_adapters",
     "get_method",
     "init_subspace_from_lora",
@@ -50,6 +57,8 @@ __all__ = [
     "match_linear_layers",
     "register_method",
     "save_adapters",
+    "save_pretrained",
+    "set_task",
     "task_ids",
     "to_peft_adapter",
     "wrap",

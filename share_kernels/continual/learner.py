@@ -9,15 +9,41 @@ import torch.nn as nn
 
 from ..nn.common import check_task_name
 from .method import get_method
-from .wrap import CONFIG_ATTR, TargetModules, adapter_layers, model_method, wrap
+from .wrap import (
+    CONFIG_ATTR,
+    FrozenParameters,
+    TargetModules,
+    adapter_layers,
+    find_config,
+    model_method,
+    wrap_and_report,
+)
+
+
+def set_task(model: nn.Module, name: Optional[str]) -> None:
+    """Make task ``name`` the one every adapter layer of ``model`` uses in its forward (None: the
+    base model alone, bit for bit), for every method; no learner needed (e.g. after
+    ``load_adapters`` / ``from_pretrained``). Its parameters become the trainable adapter ones.
+    ValueError naming the tasks when ``name`` is unknown."""
+    method_cls, config, layers = model_method(model)
+    if name is not None:
+        if not isinstance(name, str):
+            raise TypeError(f"set_task: name must be a task name (str) or None; got {type(name).__name__}")
+        lacking = [n for n, layer in layers.items() if name not in layer.tasks]
+        if lacking:
+            tasks = next(iter(layers.values())).tasks
+            partly = f" (layers without it: {lacking[:4]})" if len(lacking) < len(layers) else ""
+            raise ValueError(f"unknown task {name!r}; tasks are {tasks}{partly}")
+    method_cls(layers, config).set_task(name)
 
 
 class ContinualLearner:
     """Learn a stream of tasks on ``model`` with ``method`` ("share", or any registered method).
 
     With ``target_modules`` the model's matching ``nn.Linear`` layers are wrapped first (see
-    :func:`~share_kernels.continual.wrap`); without, the model must be wrapped already (by
-    ``wrap`` or ``load_adapters``) and ``cfg`` overrides fields of its recorded config.
+    :func:`~share_kernels.continual.wrap`; ``keep_trainable`` as there, and :attr:`frozen` says
+    what wrapping froze); without, the model must be wrapped already (by ``wrap`` or
+    ``load_adapters``) and ``cfg`` overrides fields of its recorded config.
 
     Per task, with your own loop::
 
@@ -33,11 +59,21 @@ class ContinualLearner:
     """
 
     def __init__(
-        self, model: nn.Module, method: str = "share", target_modules: Optional[TargetModules] = None, **cfg: Any
+        self,
+        model: nn.Module,
+        method: str = "share",
+        target_modules: Optional[TargetModules] = None,
+        *,
+        keep_trainable: Optional[TargetModules] = None,
+        **cfg: Any,
     ):
         method_cls = get_method(method)
+        #: what wrapping froze (None when the model came wrapped)
+        self.frozen: Optional[FrozenParameters] = None
         if target_modules is not None:
-            wrap(model, method, target_modules, **cfg)
+            self.frozen = wrap_and_report(model, method, target_modules, keep_trainable, **cfg)
+        elif keep_trainable is not None:
+            raise ValueError("keep_trainable is applied when wrapping: pass target_modules too, or unfreeze yourself")
         elif not adapter_layers(model):
             raise ValueError("target_modules is required: the model has no adapter layers yet")
         found, config, layers = model_method(model)
@@ -49,7 +85,8 @@ class ContinualLearner:
         self.layers = layers
         self.method = method_cls(layers, config)
         self.method.model = model
-        setattr(model, CONFIG_ATTR, config)
+        # the config goes back where it was found (wrap / load_adapters may have been given a submodule)
+        setattr(model.get_submodule(find_config(model)[0]), CONFIG_ATTR, config)
         #: the task between begin_task and end_task, if any
         self.current_task: Optional[str] = None
         #: what each end_task returned (Share: ConsolidationReport), in task order
@@ -94,7 +131,8 @@ class ContinualLearner:
         return report
 
     def set_task(self, name: Optional[str]) -> None:
-        """Make ``name`` the task the forward uses (None: the base model alone)."""
+        """Make ``name`` the task the forward uses (None: the base model alone); the same as
+        the module-level :func:`set_task`."""
         if name is not None and name not in self.tasks:
             raise ValueError(f"unknown task {name!r}; tasks are {self.tasks}")
         self.method.set_task(name)

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
+import logging
 import re
+import warnings
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
@@ -12,6 +15,8 @@ import torch.nn as nn
 from .method import Method, get_method, make_config, method_of_config, method_of_layer
 
 TargetModules = Union[str, Sequence[str]]
+
+logger = logging.getLogger("share_kernels")
 
 #: attribute under which :func:`wrap` records the method's config on the model (peft keeps
 #: ``model.peft_config`` the same way); save, load, the learner and ``adapter_stats`` read it.
@@ -76,8 +81,40 @@ def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if method_of_layer(m) is not None}
 
 
+def find_config(model: nn.Module) -> tuple[str, Any]:
+    """``(where, config)``: the method config recorded on ``model`` (``where == ""``) or, when
+    ``model`` has none, on the one submodule that has one (``where`` is its name).
+
+    :func:`wrap` and ``load_adapters`` record the config on the module they were given, which
+    may sit anywhere in a larger model (``wrap(model.bert, ...)``). ValueError, naming the
+    modules searched, when there is none, or when submodules hold different configs.
+    """
+    own = getattr(model, CONFIG_ATTR, None)
+    if own is not None:
+        return "", own
+    found = [
+        (n, getattr(m, CONFIG_ATTR)) for n, m in model.named_modules() if getattr(m, CONFIG_ATTR, None) is not None
+    ]
+    if not found:
+        n_sub = sum(1 for _ in model.modules()) - 1
+        raise ValueError(
+            f"no method config: looked for .{CONFIG_ATTR} on {type(model).__name__} and its {n_sub} submodules, "
+            "found none. wrap() and load_adapters() record it on the module they were given: pass that module "
+            "(or one that contains it), or wrap / load the model first"
+        )
+    if any(cfg != found[0][1] for _, cfg in found[1:]):
+        shown = ", ".join(f"{n!r}: {cfg!r}" for n, cfg in found[:4])
+        raise ValueError(
+            f"{type(model).__name__} holds different method configs in its submodules ({shown}); "
+            "pass the module whose config applies"
+        )
+    return found[0]
+
+
 def model_method(model: nn.Module) -> tuple[type[Method], Any, dict[str, nn.Module]]:
-    """(method class, config, layers) of a wrapped model; ValueError when it is not wrapped."""
+    """(method class, config, layers) of a wrapped model; ValueError when it is not wrapped,
+    when no config is recorded in its module tree (:func:`find_config`), or when the recorded
+    config is not the layers' method's. A default config is never substituted."""
     layers = adapter_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no adapter layers; wrap it first (share_kernels.wrap)")
@@ -85,9 +122,12 @@ def model_method(model: nn.Module) -> tuple[type[Method], Any, dict[str, nn.Modu
     if len(methods) > 1:
         raise ValueError(f"the model mixes adapter layers of several methods: {sorted(m.name for m in methods)}")
     method = methods.pop()
-    config = getattr(model, CONFIG_ATTR, None)
-    if config is None or method_of_config(config) is not method:
-        config = method.config_cls()
+    where, config = find_config(model)
+    if method_of_config(config) is not method:
+        raise ValueError(
+            f"the config recorded on {where or type(model).__name__!r} is a {type(config).__name__} (method "
+            f"{method_of_config(config).name!r}), but the adapter layers are {method.name!r} layers"
+        )
     return method, config, layers
 
 
@@ -99,13 +139,99 @@ def replace_linears(model: nn.Module, layer_cls: type[nn.Module], kwargs_by_name
         setattr(parent, child, layer_cls.from_linear(getattr(parent, child), **kwargs))
 
 
-def wrap(model: nn.Module, method: str, target_modules: TargetModules, **cfg) -> nn.Module:
-    """Replace the targeted ``nn.Linear`` layers of ``model`` by ``method``'s layer, in place.
+@dataclasses.dataclass(frozen=True)
+class FrozenParameters:
+    """What :func:`wrap` froze: the parameters that required grad before it and do not after.
 
-    ``cfg`` builds the method's config dataclass (for Share: :class:`ShareConfig`). Every
-    parameter of the model is frozen, as peft does; adapter parameters become trainable when a
-    task is set. The config is recorded as ``model.continual_config``. Returns ``model``.
+    ``count`` tensors holding ``numel`` values in all; ``outside``: the names of those that are
+    not in an adapted layer and, for a transformers model, not in its backbone
+    (``model.base_model``): a task head. A model without ``base_model`` has no known backbone, so
+    every frozen parameter outside the adapted layers is listed. ``kept``: parameters left
+    trainable by ``keep_trainable``.
     """
+
+    count: int
+    numel: int
+    outside: tuple[str, ...]
+    kept: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        text = f"wrap froze {self.count} parameter tensors ({self.numel:,} values)"
+        if self.kept:
+            text += f"; kept trainable: {_some(self.kept)}"
+        if self.outside:
+            text += (
+                f"; {len(self.outside)} of them are outside the base model's adapted layers and will not train: "
+                f"{_some(self.outside)} (keep them trainable with keep_trainable=[module names])"
+            )
+        return text
+
+
+def _some(names: Sequence[str], n: int = 8) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def _under(name: str, prefixes: Sequence[str]) -> bool:
+    return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _match_modules(model: nn.Module, patterns: TargetModules, arg: str) -> list[str]:
+    """Names of the submodules ``patterns`` selects: name suffixes, or a regex on the whole name."""
+    names = [n for n, _ in model.named_modules() if n]
+    if isinstance(patterns, str):
+        try:
+            rx = re.compile(patterns)
+        except re.error as e:
+            raise ValueError(f"{arg}={patterns!r} is not a valid regex: {e}") from None
+        matched = [n for n in names if rx.fullmatch(n)]
+    elif isinstance(patterns, (list, tuple, set, frozenset)) and all(isinstance(t, str) for t in patterns):
+        matched = [n for n in names if any(n == s or n.endswith("." + s) for s in patterns)]
+    else:
+        raise TypeError(f"{arg} must be a list of module name suffixes or a regex string; got {patterns!r}")
+    if not matched:
+        raise ValueError(f"{arg}={patterns!r} matched no submodule of {type(model).__name__}")
+    return matched
+
+
+def _keep_modules(model: nn.Module, keep_trainable: Optional[TargetModules], adapted: Sequence[str]) -> list[str]:
+    """The modules ``keep_trainable`` names; ValueError when one is, holds or sits in an adapted layer."""
+    keep = [] if keep_trainable is None else _match_modules(model, keep_trainable, "keep_trainable")
+    clash = [k for k in keep if _under(k, adapted) or any(_under(a, [k]) for a in adapted)]
+    if clash:
+        raise ValueError(
+            f"keep_trainable={keep_trainable!r} selects {clash[:4]}, which hold adapted layers: their base "
+            "weights stay frozen (the adapters are what trains)"
+        )
+    return keep
+
+
+def freeze(model: nn.Module, adapted: Sequence[str], keep: Sequence[str], before: set[int]) -> FrozenParameters:
+    """Freeze every parameter of ``model`` except those under the ``keep`` modules; report what
+    changed. ``adapted``: the names of the adapted layers; ``before``: the ids of the parameters
+    that required grad before wrapping."""
+    kept = tuple(n for n, p in model.named_parameters() if _under(n, keep) and id(p) in before)
+    model.requires_grad_(False)
+    for n, p in model.named_parameters():
+        if n in kept:
+            p.requires_grad_(True)
+    frozen = [n for n, p in model.named_parameters() if id(p) in before and n not in kept]
+    # transformers models name their backbone (``base_model``: the model itself when it has no head)
+    base = getattr(model, "base_model", None)
+    backbone = [n for n, m in model.named_modules() if isinstance(base, nn.Module) and m is base][:1]
+    outside = tuple(n for n in frozen if not _under(n, adapted) and not _under(n, backbone))
+    frozen_set = set(frozen)
+    numel = sum(p.numel() for n, p in model.named_parameters() if n in frozen_set)
+    return FrozenParameters(count=len(frozen), numel=numel, outside=outside, kept=kept)
+
+
+def wrap_and_report(
+    model: nn.Module,
+    method: str,
+    target_modules: TargetModules,
+    keep_trainable: Optional[TargetModules] = None,
+    **cfg: Any,
+) -> FrozenParameters:
+    """:func:`wrap`, returning what it froze (:class:`FrozenParameters`)."""
     method_cls = get_method(method)
     config = make_config(method_cls, cfg)
     existing = adapter_layers(model)
@@ -114,9 +240,37 @@ def wrap(model: nn.Module, method: str, target_modules: TargetModules, **cfg) ->
             f"the model is already wrapped ({len(existing)} adapter layers, e.g. {next(iter(existing))!r})"
         )
     kwargs = method_cls.layer_kwargs(config)
-    replace_linears(model, method_cls.layer_cls, {n: kwargs for n in match_linear_layers(model, target_modules)})
-    model.requires_grad_(False)
+    targets = match_linear_layers(model, target_modules)
+    keep = _keep_modules(model, keep_trainable, targets)  # bad names fail before the model changes
+    before = {id(p) for p in model.parameters() if p.requires_grad}  # the layers freeze their base on wrapping
+    replace_linears(model, method_cls.layer_cls, {n: kwargs for n in targets})
+    report = freeze(model, targets, keep, before)
     setattr(model, CONFIG_ATTR, config)
+    logger.info("%s", report)
+    if report.outside:
+        warnings.warn(str(report), stacklevel=3)
+    return report
+
+
+def wrap(
+    model: nn.Module,
+    method: str,
+    target_modules: TargetModules,
+    *,
+    keep_trainable: Optional[TargetModules] = None,
+    **cfg: Any,
+) -> nn.Module:
+    """Replace the targeted ``nn.Linear`` layers of ``model`` by ``method``'s layer, in place.
+
+    ``cfg`` builds the method's config dataclass (for Share: :class:`ShareConfig`). Every
+    parameter of the model is frozen, as peft does, except those under the modules that
+    ``keep_trainable`` names (name suffixes or a regex, e.g. ``["classifier"]`` for a task
+    head); adapter parameters become trainable when a task is set. What was frozen is logged
+    (logger ``share_kernels``, INFO) and, when it includes trainable parameters outside the base
+    model's adapted layers (a head), also warned about (:class:`FrozenParameters`). The config is
+    recorded as ``model.continual_config``. Returns ``model``.
+    """
+    wrap_and_report(model, method, target_modules, keep_trainable, **cfg)
     return model
 
 

@@ -19,12 +19,54 @@ def check_task_name(name: str) -> None:
         raise ValueError(f"invalid task name {name!r}: it is reserved (a method of nn.ParameterDict)")
 
 
+_BASE = "base_layer."
+
+
+def _base_keys_to_original_names(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict post-hook: ``<prefix>base_layer.<name>`` -> ``<prefix><name>``, in place and in order."""
+    base = prefix + _BASE
+    if not any(k.startswith(base) for k in state_dict):
+        return
+    items = list(state_dict.items())
+    renamed = {prefix + k[len(base) :] if k.startswith(base) else k for k, _ in items}
+    if len(renamed) != len(items):  # an adapter tensor named like a base one: refuse rather than overwrite
+        raise ValueError(
+            f"{type(module).__name__} at {prefix[:-1]!r}: adapter state names collide with the base layer's"
+        )
+    state_dict.clear()
+    for k, v in items:
+        state_dict[prefix + k[len(base) :] if k.startswith(base) else k] = v
+
+
+def _original_names_to_base_keys(
+    module: nn.Module, state_dict: dict, prefix: str, *_: object
+) -> None:
+    """load_state_dict pre-hook: the inverse of :func:`_base_keys_to_original_names` for the
+    base layer's own state names (a state dict that still says ``base_layer.`` loads too)."""
+    for name in [n for n, _ in module.base_layer.state_dict().items()]:
+        key = prefix + name
+        if key in state_dict and prefix + _BASE + name not in state_dict:
+            state_dict[prefix + _BASE + name] = state_dict.pop(key)
+
+
 class TaskLayer(nn.Module):
     """Task bookkeeping shared by the adapter layers: names in order (``self._tasks``), the
-    base ``nn.Linear`` as ``self.base_layer``, and frozen parameters on its device and dtype."""
+    base ``nn.Linear`` as ``self.base_layer``, and frozen parameters on its device and dtype.
+
+    ``state_dict()`` names the base layer's tensors as the unwrapped model did (``q.weight``, not
+    ``q.base_layer.weight``), so a wrapped model's checkpoint (``save_pretrained``,
+    ``Trainer.save_model``) loads into the plain model class as the base model, the adapter
+    tensors (``q.U``, ``q.eps_a.<task>``, ...) reported as unused; ``load_state_dict`` maps
+    the names back, so a wrapped model's state still round-trips through its own state dict.
+    """
 
     _tasks: list[str]
     base_layer: nn.Linear
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_state_dict_post_hook(_base_keys_to_original_names)
+        self.register_load_state_dict_pre_hook(_original_names_to_base_keys)
 
     @property
     def tasks(self) -> list[str]:
