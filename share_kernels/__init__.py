@@ -15,9 +15,13 @@ from .continual import (
     from_peft_adapters,
     init_subspace_from_lora,
     load_adapters,
+    merge_adapter,
+    merge_and_unload,
     save_adapters,
     task_ids,
     to_peft_adapter,
+    unload,
+    unmerge_adapter,
     wrap,
 )
 from .nn import InfLoRALinear, PSLoRALinear, ShareLinear
@@ -52,6 +56,8 @@ __all__ = [
     "load_adapters",
     "lowrank_linear",
     "lowrank_linear_reference",
+    "merge_adapter",
+    "merge_and_unload",
     "multi_task_linear",
     "multi_task_linear_reference",
     "project_complement",
@@ -62,6 +68,8 @@ __all__ = [
     "stability_loss_reference",
     "task_ids",
     "to_peft_adapter",
+    "unload",
+    "unmerge_adapter",
     "wrap",
     "__version__",
 ]

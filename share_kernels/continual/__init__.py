@@ -7,6 +7,7 @@
 from .inflora import DualGPM, InfLoRAConfig, InfLoRAMethod, InfLoRAReport
 from .io import load_adapters, save_adapters
 from .learner import ContinualLearner
+from .merge import merge_adapter, merge_and_unload, unload, unmerge_adapter
 from .method import Method, ParamCounts, get_method, register_method
 from .peft_io import from_peft_adapters, to_peft_adapter
 from .pslora import MergeReport, PSLoRAConfig, PSLoRAMethod, magnitude_merge
@@ -48,9 +49,13 @@ __all__ = [
     "load_adapters",
     "magnitude_merge",
     "match_linear_layers",
+    "merge_adapter",
+    "merge_and_unload",
     "register_method",
     "save_adapters",
     "task_ids",
     "to_peft_adapter",
+    "unload",
+    "unmerge_adapter",
     "wrap",
 ]
