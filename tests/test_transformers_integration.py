@@ -258,6 +258,15 @@ def test_gpt2_peft_round_trip_fan_in_fan_out(tmp_path):
         back = peft.PeftModel.from_pretrained(copy.deepcopy(base), out)
     assert back.peft_config["default"].fan_in_fan_out
     assert rel(hidden(back, ids), expected["t1"]) < 1e-5
+    # the command line's compress, path-like arguments throughout, then loaded into GPT-2
+    from share_kernels.continual.compress import compress
+
+    compress(list(dirs.values()), 8, tmp_path / "compressed", progress=False)
+    again = copy.deepcopy(base)
+    assert sk.load_adapters(again, tmp_path / "compressed") == ["t0", "t1"]
+    for m in adapter_layers(again).values():
+        m.set_task("t0")
+    assert rel(hidden(again, ids), expected["t0"]) < 1e-5
 
 
 # ----------------------------------------------------------------------------- merge (nn.Linear)

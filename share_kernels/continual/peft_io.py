@@ -607,9 +607,9 @@ def from_peft_adapters(
 def to_peft_adapter(
     model: nn.Module,
     task: str,
-    directory: str,
+    directory: Union[str, os.PathLike],
     *,
-    base_model_name_or_path: Optional[str] = None,
+    base_model_name_or_path: Optional[Union[str, os.PathLike]] = None,
     task_type: Optional[str] = None,
 ) -> None:
     """Write Share task ``task`` of a wrapped ``model`` as a peft LoRA adapter of rank p.
@@ -637,6 +637,8 @@ def to_peft_adapter(
         raise ValueError(f"the layers have different p {sorted(ps)}; a peft adapter has one rank per config")
     p = ps.pop()
     source = getattr(model, SOURCES_ATTR, {}).get(task, {})
+    if isinstance(base_model_name_or_path, os.PathLike):  # a local model directory: JSON holds strings
+        base_model_name_or_path = os.fspath(base_model_name_or_path)
     tensors = {}
     with torch.no_grad():
         for n, layer in layers.items():
