@@ -23,7 +23,7 @@ EPILOG = "Run 'share-kernels COMMAND --help' for a command's options. Docs: READ
 # written here so that --help does not import torch.
 CONTINUAL_DEFAULTS = dict(
     methods=("share", "inflora", "pslora", "seq-lora", "per-task-lora", "joint"),
-    tasks=("bbc", "sentiment", "language", "dialogue"),
+    tasks=("bbc", "sentiment", "language", "chat-a", "chat-b"),
     epochs=2, batch_size=16, lr=1e-2, train_per_class=64, test_per_class=48, max_length=32,
     layers=(4, 5), targets=("query", "value"), rank=8, seed=0, dtype="float32", head_loss="own",
 )

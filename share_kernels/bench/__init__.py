@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import importlib
 import os
+import textwrap
 import time
 from typing import Iterable
 
@@ -54,8 +55,8 @@ def run_suites(names: Iterable[str], device, preset: str, out_dir: str | None, e
     if unknown:
         raise ValueError(f"unknown benchmark suite(s) {unknown}; choose from {sorted(SUITES)}")
     env = environment(device)
-    echo("  ".join(f"{k}: {v}" for k, v in env.items()) + f"  preset: {preset}")
-    echo(LEGEND)
+    echo(textwrap.fill("  ".join(f"{k}: {v}" for k, v in env.items()) + f"  preset: {preset}", 120))
+    echo(textwrap.fill(LEGEND, 120))
     results = {}
     t0 = time.perf_counter()
     for i, name in enumerate(names, 1):

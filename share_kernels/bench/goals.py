@@ -70,15 +70,14 @@ def verdicts(results: dict[str, list[dict]], device_type: str) -> list[dict]:
 
 
 def format_verdicts(vs: list[dict]) -> str:
+    """The closing summary: a count, then one line per goal (each at most ~110 characters)."""
     if not vs:
         return "Goals: none of the suites run has a stated goal."
     met = sum(v["verdict"] == "met" for v in vs)
     missed = sum(v["verdict"] == "missed" for v in vs)
-    lines = [f"Goals: {met} met, {missed} missed, {len(vs) - met - missed} not measured"]
+    lines = [f"Goals: {met} met, {missed} missed, {len(vs) - met - missed} not measured {vs[0]['device_note']}".rstrip()]
     for v in vs:
         worst = "-" if v["worst"] is None else f"{v['worst']:.3g}"
-        lines.append(
-            f"  [{v['verdict'].upper():>12}] {v['suite']}: {v['goal']} (worst {v['column']} = {worst} over "
-            f"{v['rows']} rows) {v['device_note']}".rstrip()
-        )
+        lines.append(f"  [{v['verdict'].upper():>12}] {v['suite']}: {v['goal']}")
+        lines.append(f"{'':17}worst {v['column']} = {worst} over {v['rows']} row(s)")
     return "\n".join(lines)
