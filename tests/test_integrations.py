@@ -152,3 +152,34 @@ def test_expand_task_names_and_errors(gpt2_two_tasks):
         generate_with_tasks(model, ["a"], torch.ones(2, 3, dtype=torch.long), max_new_tokens=1)
     with pytest.raises(ValueError, match="unknown task"):
         generate_with_tasks(model, ["a", "nosuch"], torch.ones(2, 3, dtype=torch.long), max_new_tokens=1)
+
+
+# ----------------------------------------------------------------------------- 2 processes (gloo)
+
+
+@pytest.mark.parametrize("method", ["inflora"])
+def test_trainer_two_processes_identical_adapters(method, tmp_path):
+    """torchrun --nproc_per_node 2 (CPU, gloo): both processes end with identical adapters.
+    InfLoRA: its task boundary reads data, the case where ranks could drift apart."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(root, "tests", "trainer_ddp_script.py"), str(tmp_path), method]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "of 2: done" in proc.stdout
+    files = sorted(f for f in os.listdir(tmp_path / "rank0") if f.endswith(".safetensors"))
+    assert len(files) == 4  # shared + three tasks
+    assert files == sorted(f for f in os.listdir(tmp_path / "main") if f.endswith(".safetensors"))
+    for f in files:  # rank 0, rank 1, and what the trainer saved (main process) agree exactly
+        a, b, c = (load_file(str(tmp_path / d / f)) for d in ("rank0", "rank1", "main"))
+        assert a.keys() == b.keys() == c.keys() and a
+        for k in a:
+            assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), (f, k)
+    trained = load_file(str(tmp_path / "rank0" / "task-t2.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if k.endswith(".A"))  # A trained away from zero

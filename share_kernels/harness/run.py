@@ -161,7 +161,7 @@ def _method_line(i: int, n: int, method: str, d: dict, seconds: float) -> str:
         if s:
             pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
             parts.append(f"{label} accuracy {pct(s['average_accuracy'])}%, forgetting {pct(s['forgetting'])}")
-    return f"[{i}/{n}] {method} done in {seconds:.0f} s: " + ("; ".join(parts) or "no accuracy recorded")
+    return f"[{i}/{n}] {method} done in {seconds:.1f} s: " + ("; ".join(parts) or "no accuracy recorded")
 
 
 def _registered() -> list[str]:
