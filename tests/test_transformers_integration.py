@@ -82,19 +82,20 @@ def hidden(model, ids, autocast=None):
 # ----------------------------------------------------------------------------- autocast
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_autocast_bf16_training_and_accuracy_bert(method):
+def test_autocast_training_and_accuracy_bert(method, dtype):
     torch.manual_seed(0)
     model = tiny_bert()
     ids, labels = torch.randint(0, 60, (4, 9)), torch.randint(0, 3, (4,))
-    learner = train_tasks(model, method, ["query", "value", "dense"], bert_step, ids, labels, autocast=torch.bfloat16)
+    learner = train_tasks(model, method, ["query", "value", "dense"], bert_step, ids, labels, autocast=dtype)
     learner.set_task("b")
     # Low-precision rule: the autocast output's error against float64 is within 2x (plus a
     # hair) of plain PyTorch's autocast error, plain PyTorch being the same model merged.
     ref = hidden(copy.deepcopy(model).double(), ids)
-    ours = hidden(model, ids, torch.bfloat16)
+    ours = hidden(model, ids, dtype)
     plain = sk.merge_and_unload(copy.deepcopy(model), "b")
-    err_plain = rel(hidden(plain, ids, torch.bfloat16), ref)
+    err_plain = rel(hidden(plain, ids, dtype), ref)
     assert 0 < rel(ours, ref) <= 2 * err_plain + 1e-4, (rel(ours, ref), err_plain)
     assert rel(hidden(model, ids), ref) < 1e-5  # fp32 outside the region
 
@@ -122,6 +123,33 @@ def test_ops_follow_autocast_like_linear(dtype):
         loss = sk.stability_loss(A, B, P, 2.0)
     assert loss.dtype == torch.float32
     assert rel(loss, sk.stability_loss_reference(A.double(), B.double(), P.double(), 2.0)[0]) < 1e-5
+
+
+def test_autocast_rules_registered_for_cpu_and_cuda():
+    sk.project_complement(torch.randn(4, 3), torch.linalg.qr(torch.randn(4, 2)).Q)  # registers its ops
+    for op in ("lowrank_linear", "multi_task_linear", "stability_loss", "stability_loss_and_grad",
+               "project_complement", "project_complement_grouped"):
+        for key in ("AutocastCPU", "AutocastCUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"share_kernels::{op}", key), (op, key)
+    X, M = torch.randn(6, 5, dtype=torch.bfloat16), torch.linalg.qr(torch.randn(6, 2)).Q
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 rule: a projection keeps fp32
+        out = torch.ops.share_kernels.project_complement(X, M, "remove")
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, X.float() - M @ (M.t() @ X.float()))
+
+
+def test_compile_under_autocast():
+    x, w, b = torch.randn(5, 7), torch.randn(6, 7), torch.randn(6)
+    U, C = torch.randn(7, 3, requires_grad=True), torch.randn(3, 6, requires_grad=True)
+
+    def f(x, w, b, U, C):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return sk.lowrank_linear(x, w, b, U, C)
+
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(x, w, b, U, C)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, f(x, w, b, U, C))
+    y.float().sum().backward()
+    assert U.grad.dtype == C.grad.dtype == torch.float32
 
 
 def test_autocast_mixed_task_batch_share():
@@ -289,3 +317,20 @@ def test_merge_bert_matches_each_task(method):
         sk.merge_adapter(model, "nosuch")
     with pytest.raises(ValueError, match="name a task"):
         sk.merge_adapter(model)  # no task active
+    learner.set_task("a")
+    weights = [m.base_layer.weight.clone() for m in adapter_layers(model).values()]
+    sk.merge_adapter(model, safe_merge=True)  # the active task
+    assert {m.merged_task for m in adapter_layers(model).values()} == {"a"}
+    with pytest.raises(ValueError, match="already merged"):
+        sk.merge_adapter(model, "b")
+    with pytest.raises(ValueError, match="is merged, not"):
+        sk.merge_and_unload(model, "b")
+    sk.unmerge_adapter(model)
+    assert all(torch.equal(m.base_layer.weight, w) for m, w in zip(adapter_layers(model).values(), weights))
+    assert all(m.active_task == "a" for m in adapter_layers(model).values())
+    layer = next(iter(adapter_layers(model).values()))
+    with torch.no_grad():
+        layer.base_layer.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        sk.merge_adapter(model, "a", safe_merge=True)
+    assert all(getattr(m, "merged_task", None) is None for m in adapter_layers(model).values())  # nothing written
