@@ -97,7 +97,8 @@ def _compress(args) -> int:
     except errors as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if isinstance(e, getattr(safetensors, "SafetensorError", ())) or "safetensors" in type(e).__module__:
-            msg = f"cannot read an adapter_model.safetensors of {' '.join(args.adapters)} (corrupt or truncated?): {msg}"
+            given = " ".join(args.adapters)
+            msg = f"cannot read an adapter_model.safetensors of {given} (corrupt or truncated?): {msg}"
         return _fail("compress", msg)
     print(report)
     print(f"\nShare adapters written to {args.out}/ (load: share_kernels.load_adapters(base_model, {args.out!r}))")
@@ -133,11 +134,14 @@ def continual_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "float64"], default=None,
                    help=f"dtype of the backbone and adapters (default {d['dtype']})")
     p.add_argument("--head-loss", choices=["own", "seen"], default=None,
-                   help="a task's loss over its own classes (default) or over every class seen so far (old heads frozen)")
+                   help="a task's loss over its own classes (default) or over every class seen so far "
+                   "(old heads frozen)")
     p.add_argument("--option", action="append", default=[], metavar="METHOD.NAME=VALUE",
                    help="a method's config field, e.g. share.k=16 (repeatable)")
-    p.add_argument("--preset", choices=["default", "tiny"], default="default", help="tiny: 2 tasks, a few texts (tests)")
-    p.add_argument("--out", default="continual-out", help="directory for results.json and results.png (default continual-out)")
+    p.add_argument("--preset", choices=["default", "tiny"], default="default",
+                   help="tiny: 2 tasks, a few texts (tests)")
+    p.add_argument("--out", default="continual-out",
+                   help="directory for results.json and results.png (default continual-out)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the per-method lines stay)")
 

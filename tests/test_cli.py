@@ -13,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def cli(*args):
     env = {**os.environ, "PYTHONPATH": ROOT}
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "share_kernels.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    cmd = [sys.executable, "-m", "share_kernels.cli", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     return p, time.perf_counter() - t0
 
 
@@ -44,7 +45,8 @@ def test_help_is_fast_and_complete(args):
 
 def test_help_imports_no_torch():
     code = "import sys; from share_kernels.cli import build_parser; build_parser(); print('torch' in sys.modules)"
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
     assert p.stdout.strip() == "False", p.stderr
 
 

@@ -120,11 +120,14 @@ def format_table(rows: list[dict], width: int = 120) -> str:
         cur.append(i)
         used += widths[i] + 2
     blocks.append(cur)
+
+    def line(vals, idx):
+        return "  ".join(vals[j].ljust(widths[j]) if j in key else vals[j].rjust(widths[j]) for j in idx)
+
     out = []
     for b in blocks:
         idx = key + b
-        line = lambda vals: "  ".join(vals[j].rjust(widths[j]) if j not in key else vals[j].ljust(widths[j]) for j in idx)  # noqa: E731
-        part = [line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells]
+        part = [line(cols, idx), line(["-" * w for w in widths], idx)] + [line(r, idx) for r in cells]
         out.append("\n".join(s.rstrip()[:width] for s in part))
     text = "\n\n".join(out)
     if notes:

@@ -40,10 +40,13 @@ def _t_at_least_16(row: dict) -> bool:
 
 GOALS = (
     Goal("lowrank_linear", "forward at M <= 16 within 1.05x of F.linear", "fused/F.linear", 1.05, True, _small_m),
-    Goal("lowrank_linear", "forward at M <= 16 >= 1.3x faster than the reference", "reference/fused", 1.3, False, _small_m),
-    Goal("lowrank_linear", "forward at M = 8192 within 1.08x of F.linear", "fused/F.linear", 1.08, True, _case(r"^fwd M=8192 ")),
+    Goal("lowrank_linear", "forward at M <= 16 >= 1.3x faster than the reference", "reference/fused", 1.3, False,
+         _small_m),
+    Goal("lowrank_linear", "forward at M = 8192 within 1.08x of F.linear", "fused/F.linear", 1.08, True,
+         _case(r"^fwd M=8192 ")),
     Goal("lowrank_linear", "training step >= 1.2x faster than peft", "peft/fused", 1.2, False, _case(r"^train ")),
-    Goal("multi_task_linear", "T = 1024 uniform within 1.15x of single-task", "share/single", 1.15, True, _case(r"^T=1024 .*uniform")),
+    Goal("multi_task_linear", "T = 1024 uniform within 1.15x of single-task", "share/single", 1.15, True,
+         _case(r"^T=1024 .*uniform")),
     Goal("multi_task_linear", "T >= 16 at least 10x faster than peft", "peft/share", 10.0, False, _t_at_least_16),
 )
 
@@ -75,7 +78,8 @@ def format_verdicts(vs: list[dict]) -> str:
         return "Goals: none of the suites run has a stated goal."
     met = sum(v["verdict"] == "met" for v in vs)
     missed = sum(v["verdict"] == "missed" for v in vs)
-    lines = [f"Goals: {met} met, {missed} missed, {len(vs) - met - missed} not measured {vs[0]['device_note']}".rstrip()]
+    head = f"Goals: {met} met, {missed} missed, {len(vs) - met - missed} not measured {vs[0]['device_note']}"
+    lines = [head.rstrip()]
     for v in vs:
         worst = "-" if v["worst"] is None else f"{v['worst']:.3g}"
         lines.append(f"  [{v['verdict'].upper():>12}] {v['suite']}: {v['goal']}")

@@ -226,7 +226,8 @@ def load_adapters(model: nn.Module, directory: str) -> list[str]:
     for n, spec in saved.items():
         m = modules.get(n)
         if m is None or not (is_adaptable(m) or isinstance(m, method.layer_cls)):
-            raise ValueError(f"layer {n!r}: the model has no nn.Linear, Conv1D or {method.layer_cls.__name__} by that name")
+            kinds = f"nn.Linear, Conv1D or {method.layer_cls.__name__}"
+            raise ValueError(f"layer {n!r}: the model has no {kinds} by that name")
         if layer_features(m) != (spec["in_features"], spec["out_features"]):
             raise ValueError(
                 f"layer {n!r}: expected in_features={spec['in_features']}, out_features={spec['out_features']}; "
