@@ -109,3 +109,23 @@ def test_bench_output_counter_legend_width_verdicts(tmp_path, monkeypatch, capsy
     assert max(len(ln) for ln in out.splitlines()) <= 120
     assert "Goals: 2 met, 1 missed" in out  # 1.01 <= 1.05 met; 1.1 < 1.3 missed; M=8192 1.01 <= 1.08 met
     assert "[      MISSED] lowrank_linear: forward at M <= 16 >= 1.3x faster than the reference" in out
+
+
+def test_gpu_check_subcommand_slot(monkeypatch, capsys):
+    """``share_kernels/gpu_check.py`` (add_arguments(parser), run(args)) becomes ``gpu-check``."""
+    import importlib.machinery
+    import types
+
+    from share_kernels import cli
+
+    calls = []
+    fake = types.ModuleType("share_kernels.gpu_check")
+    fake.__doc__ = "Check every kernel on this GPU.\n\nDetails."
+    fake.__spec__ = importlib.machinery.ModuleSpec("share_kernels.gpu_check", None)
+    fake.add_arguments = lambda p: p.add_argument("--out", help="where the report goes")
+    fake.run = lambda args: calls.append(args.out) or 0
+    monkeypatch.setitem(sys.modules, "share_kernels.gpu_check", fake)
+    assert cli.main(["gpu-check", "--out", "x"]) == 0 and calls == ["x"]
+    with pytest.raises(SystemExit):
+        cli.main(["gpu-check", "--help"])
+    assert "Check every kernel on this GPU." in capsys.readouterr().out
