@@ -1,77 +1,131 @@
 """share_kernels: fused kernels and layers for continual low-rank adaptation.
 
-Importing registers the ``torch.ops.share_kernels`` custom ops; it never touches a GPU.
+``import share_kernels`` itself is light (no torch), so that the ``share-kernels`` command
+starts fast; the first use of a public name (``share_kernels.wrap``, ``from share_kernels import
+ShareLinear``) or the import of a submodule (``share_kernels.ops``, ``.nn``, ``.continual``)
+imports torch and registers the ``torch.ops.share_kernels`` custom ops. It never touches a GPU.
+Call :func:`load` to register the ops without naming anything.
 """
-from .continual import (
-    AdapterStats,
-    ConsolidationReport,
-    ContinualLearner,
-    FrozenParameters,
-    InfLoRAConfig,
-    InfLoRAMethod,
-    PSLoRAConfig,
-    PSLoRAMethod,
-    ShareConfig,
-    adapter_stats,
-    base_state_dict,
-    from_peft_adapters,
-    from_pretrained,
-    init_subspace_from_lora,
-    load_adapters,
-    save_adapters,
-    save_pretrained,
-    set_task,
-    task_ids,
-    to_peft_adapter,
-    wrap,
-)
-from .nn import InfLoRALinear, PSLoRALinear, ShareLinear
-from .ops import (
-    lowrank_linear,
-    lowrank_linear_reference,
-    multi_task_linear,
-    multi_task_linear_reference,
-    project_complement,
-    project_complement_grouped,
-    project_complement_reference,
-    stability_loss,
-    stability_loss_reference,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = [
-    "AdapterStats",
-    "ConsolidationReport",
-    "ContinualLearner",
-    "FrozenParameters",
-    "InfLoRAConfig",
-    "InfLoRALinear",
-    "InfLoRAMethod",
-    "PSLoRAConfig",
-    "PSLoRALinear",
-    "PSLoRAMethod",
-    "ShareConfig",
-    "ShareLinear",
-    "adapter_stats",
-    "base_state_dict",
-    "from_peft_adapters",
-    "from_pretrained",
-    "init_subspace_from_lora",
-    "load_adapters",
-    "lowrank_linear",
-    "lowrank_linear_reference",
-    "multi_task_linear",
-    "multi_task_linear_reference",
-    "project_complement",
-    "project_complement_grouped",
-    "project_complement_reference",
-    "save_adapters",
-    "save_pretrained",
-    "set_task",
-    "stability_loss",
-    "stability_loss_reference",
-    "task_ids",
-    "to_peft_adapter",
-    "wrap",
-    "__version__",
-]
+
+# public name -> the submodule that defines it (imported on first use, PEP 562)
+_EXPORTS = {
+    **dict.fromkeys(
+        [
+            "AdapterStats",
+            "ConsolidationReport",
+            "ContinualLearner",
+            "InfLoRAConfig",
+            "InfLoRAMethod",
+            "PSLoRAConfig",
+            "PSLoRAMethod",
+            "ShareConfig",
+            "adapter_stats",
+            "from_peft_adapters",
+            "init_subspace_from_lora",
+            "load_adapters",
+            "merge_adapter",
+            "merge_and_unload",
+            "save_adapters",
+            "task_ids",
+            "to_peft_adapter",
+            "unload",
+            "unmerge_adapter",
+            "FrozenParameters",
+            "base_state_dict",
+            "from_pretrained",
+            "save_pretrained",
+            "set_task",
+            "wrap",
+        ],
+        ".continual",
+    ),
+    **dict.fromkeys(["InfLoRALinear", "PSLoRALinear", "ShareLinear"], ".nn"),
+    **dict.fromkeys(
+        [
+            "lowrank_linear",
+            "lowrank_linear_reference",
+            "multi_task_linear",
+            "multi_task_linear_reference",
+            "project_complement",
+            "project_complement_grouped",
+            "project_complement_reference",
+            "stability_loss",
+            "stability_loss_reference",
+        ],
+        ".ops",
+    ),
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__", "load"]
+
+
+def load() -> None:
+    """Import the whole API now (torch, the custom ops, the layers and the continual API)."""
+    for module in dict.fromkeys(_EXPORTS.values()):
+        importlib.import_module(module, __name__)
+
+
+_SUBMODULES = ("bench", "cli", "continual", "harness", "integrations", "kernels", "nn", "ops")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module("." + name, __name__)
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from .continual import (  # noqa: F401
+        AdapterStats,
+        ConsolidationReport,
+        ContinualLearner,
+        InfLoRAConfig,
+        InfLoRAMethod,
+        PSLoRAConfig,
+        PSLoRAMethod,
+        ShareConfig,
+        adapter_stats,
+        from_peft_adapters,
+        init_subspace_from_lora,
+        load_adapters,
+        merge_adapter,
+        merge_and_unload,
+        save_adapters,
+        task_ids,
+        to_peft_adapter,
+        unload,
+        unmerge_adapter,
+        FrozenParameters,
+        base_state_dict,
+        from_pretrained,
+        save_pretrained,
+        set_task,
+        wrap,
+    )
+    from .nn import InfLoRALinear, PSLoRALinear, ShareLinear  # noqa: F401
+    from .ops import (  # noqa: F401
+        lowrank_linear,
+        lowrank_linear_reference,
+        multi_task_linear,
+        multi_task_linear_reference,
+        project_complement,
+        project_complement_grouped,
+        project_complement_reference,
+        stability_loss,
+        stability_loss_reference,
+    )

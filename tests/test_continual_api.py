@@ -88,7 +88,7 @@ def test_nothing_matched_names_what_was_searched():
         match_linear_layers(LM(), ["k_proj", "v_proj"])
     msg = str(e.value)
     assert "['k_proj', 'v_proj']" in msg and "layers.0.q_proj" in msg and "lm_head" in msg
-    with pytest.raises(ValueError, match="searched the nn.Linear layers: none"):
+    with pytest.raises(ValueError, match="searched the nn.Linear and Conv1D layers: none"):
         match_linear_layers(nn.Sequential(nn.ReLU()), "all-linear")
     with pytest.raises(TypeError, match="target_modules must be"):
         match_linear_layers(LM(), 3)

@@ -432,16 +432,6 @@ def _loha(state, path):
     return path
 
 
-def test_rejects_conv1d_fan_in_fan_out(tmp_path):
-    cfg = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16)
-    model = transformers.GPT2LMHeadModel(cfg)
-    with pytest.warns(UserWarning):
-        pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
-    pm.save_pretrained(str(tmp_path / "gpt2"))
-    with pytest.raises(ValueError, match="fan_in_fan_out=True is not supported: its targets are Conv1D"):
-        read_peft_adapter(str(tmp_path / "gpt2"))
-
-
 def test_rejects_mismatched_adapters(base_state, adapters, tmp_path):
     plain = adapters["plain"]
     other_base = _copy_with_config(plain, tmp_path / "other", base_model_name_or_path="org/other-model")

@@ -96,14 +96,40 @@ def fmt(v) -> str:
     return str(v)
 
 
-def format_table(rows: list[dict]) -> str:
-    """Plain-text table over the union of the rows' keys, in first-seen order."""
+def format_table(rows: list[dict], width: int = 120) -> str:
+    """Plain-text table over the union of the rows' keys, in first-seen order, at most ``width``
+    characters wide: the columns that do not fit go to a further block that repeats the case
+    column; a ``note`` column is printed under the table, once per distinct note."""
     if not rows:
         return "(no rows)"
     cols: list[str] = []
     for r in rows:
         cols += [k for k in r if k not in cols]
+    notes = list(dict.fromkeys(str(r["note"]) for r in rows if r.get("note"))) if "note" in cols else []
+    cols = [c for c in cols if c != "note"]
     cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
-    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
+    key = [0] if cols and cols[0] == "case" else []
+    blocks, cur, used = [], [], sum(widths[i] + 2 for i in key)
+    for i in range(len(cols)):
+        if i in key:
+            continue
+        if cur and used + widths[i] + 2 > width:
+            blocks.append(cur)
+            cur, used = [], sum(widths[i] + 2 for i in key)
+        cur.append(i)
+        used += widths[i] + 2
+    blocks.append(cur)
+
+    def line(vals, idx):
+        return "  ".join(vals[j].ljust(widths[j]) if j in key else vals[j].rjust(widths[j]) for j in idx)
+
+    out = []
+    for b in blocks:
+        idx = key + b
+        part = [line(cols, idx), line(["-" * w for w in widths], idx)] + [line(r, idx) for r in cells]
+        out.append("\n".join(s.rstrip()[:width] for s in part))
+    text = "\n\n".join(out)
+    if notes:
+        text += "\n" + "\n".join(f"note: {n}" for n in notes)
+    return text

@@ -9,6 +9,7 @@
 from .inflora import DualGPM, InfLoRAConfig, InfLoRAMethod, InfLoRAReport
 from .io import load_adapters, save_adapters
 from .learner import ContinualLearner, set_task
+from .merge import merge_adapter, merge_and_unload, unload, unmerge_adapter
 from .method import Method, ParamCounts, get_method, register_method
 from .peft_io import from_peft_adapters, to_peft_adapter
 from .pretrained import base_state_dict, from_pretrained, save_pretrained
@@ -55,11 +56,15 @@ __all__ = [
     "load_adapters",
     "magnitude_merge",
     "match_linear_layers",
+    "merge_adapter",
+    "merge_and_unload",
     "register_method",
     "save_adapters",
     "save_pretrained",
     "set_task",
     "task_ids",
     "to_peft_adapter",
+    "unload",
+    "unmerge_adapter",
     "wrap",
 ]

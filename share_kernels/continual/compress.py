@@ -295,11 +295,11 @@ def parse_adapter_args(args: Sequence[str]) -> Union[list[str], dict[str, str]]:
 def compress(
     adapter_dirs: Union[Sequence[str], dict],
     k: Union[int, float, str],
-    out: str,
+    out: Union[str, os.PathLike],
     *,
     p: Optional[int] = None,
-    base: Optional[str] = None,
-    plot: Optional[str] = None,
+    base: Optional[Union[str, os.PathLike]] = None,
+    plot: Optional[Union[str, os.PathLike]] = None,
     max_k: int = 64,
     progress: bool = True,
     device: Optional[Union[str, torch.device]] = None,
@@ -312,6 +312,9 @@ def compress(
     ``share_kernels.load_adapters(base_model, out)``) plus ``out/compress_report.json``; ``plot``
     a PNG of the error against k. Returns the report.
     """
+    out = os.fspath(out)  # str or os.PathLike, as every path argument
+    plot = None if plot is None else os.fspath(plot)
+    base = None if base is None else os.fspath(base)
     bar = None
     if progress:
         tqdm = _tqdm()

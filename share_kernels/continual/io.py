@@ -29,6 +29,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
+from ..nn.common import is_adaptable, layer_features
 from .method import get_method, make_config
 from .wrap import CONFIG_ATTR, adapter_layers, model_method, replace_linears
 
@@ -224,12 +225,13 @@ def load_adapters(model: nn.Module, directory: str) -> list[str]:
             )
     for n, spec in saved.items():
         m = modules.get(n)
-        if m is None or not isinstance(m, (nn.Linear, method.layer_cls)):
-            raise ValueError(f"layer {n!r}: the model has no nn.Linear or {method.layer_cls.__name__} by that name")
-        if (m.in_features, m.out_features) != (spec["in_features"], spec["out_features"]):
+        if m is None or not (is_adaptable(m) or isinstance(m, method.layer_cls)):
+            kinds = f"nn.Linear, Conv1D or {method.layer_cls.__name__}"
+            raise ValueError(f"layer {n!r}: the model has no {kinds} by that name")
+        if layer_features(m) != (spec["in_features"], spec["out_features"]):
             raise ValueError(
                 f"layer {n!r}: expected in_features={spec['in_features']}, out_features={spec['out_features']}; "
-                f"got {m.in_features}, {m.out_features}"
+                f"got {', '.join(map(str, layer_features(m)))}"
             )
         if layers and m.adapter_config() != spec["layer_config"]:
             raise ValueError(

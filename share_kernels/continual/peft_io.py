@@ -39,7 +39,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from torch import Tensor
 
-from ..nn.common import check_task_name
+from ..nn.common import check_task_name, is_adaptable, is_conv1d
 from ..nn.share_linear import ShareLinear
 from .io import _save_tensors, atomic_write
 from .share import _complete_basis, _energy_k, _f64, _principal_directions, _relative_change
@@ -63,7 +63,6 @@ _UNSUPPORTED = {
     "bias": ("none", None),
     "modules_to_save": (None, []),
     "trainable_token_indices": (None, [], {}),
-    "fan_in_fan_out": (False, None),
     "alora_invocation_tokens": (None, []),
     "use_qalora": (False, None),
     "layer_replication": (None, []),
@@ -76,8 +75,6 @@ _UNSUPPORTED = {
 # init_lora_weights values whose adapters only mean something on a rewritten (residual) base.
 _RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _WHY = {
-    "fan_in_fan_out": "its targets are Conv1D layers (GPT-2 style, weight stored as d_in x d_out); Share wraps "
-    "nn.Linear only",
     "modules_to_save": "it also saves full copies of modules, which are not low-rank",
     "trainable_token_indices": "it also trains embedding rows, which are not low-rank",
     "bias": "it trains biases, which are not low-rank",
@@ -503,7 +500,9 @@ def check_model_layers(
     model: nn.Module, shapes: Mapping[str, tuple[int, int]], base_name: Optional[str] = None
 ) -> None:
     """ValueError unless every layer in ``shapes`` (``{name: (d_in, d_out)}``) is an ``nn.Linear``
-    of ``model`` with that shape (``model`` may live on the meta device)."""
+    or a transformers ``Conv1D`` of ``model`` with that shape (``model`` may live on the meta device).
+    peft stores a Conv1D's factors as a Linear's (lora_A (r, d_in), lora_B (d_out, r)); its
+    ``fan_in_fan_out`` only says the base weight is stored transposed, which the layers read."""
     modules = dict(model.named_modules())
     missing = [n for n in shapes if n not in modules]
     if missing:
@@ -514,12 +513,15 @@ def check_model_layers(
         )
     for n, (d_in, d_out) in shapes.items():
         m = modules[n]
-        if not isinstance(m, nn.Linear):
-            raise ValueError(f"layer {n!r} is a {type(m).__name__}, not an nn.Linear: Share wraps nn.Linear only")
-        if (m.in_features, m.out_features) != (d_in, d_out):
+        if not is_adaptable(m):
             raise ValueError(
-                f"layer {n!r}: the adapters give (d_in, d_out) = {(d_in, d_out)}, the model's nn.Linear is "
-                f"({m.in_features}, {m.out_features}): the adapters were trained on another base model"
+                f"layer {n!r} is a {type(m).__name__}, not an nn.Linear or Conv1D: Share wraps those only"
+            )
+        w_in, w_out = (m.weight.shape if is_conv1d(m) else m.weight.shape[::-1])
+        if (w_in, w_out) != (d_in, d_out):
+            raise ValueError(
+                f"layer {n!r}: the adapters give (d_in, d_out) = {(d_in, d_out)}, the model's "
+                f"{type(m).__name__} is ({w_in}, {w_out}): the adapters were trained on another base model"
             )
 
 
@@ -605,9 +607,9 @@ def from_peft_adapters(
 def to_peft_adapter(
     model: nn.Module,
     task: str,
-    directory: str,
+    directory: Union[str, os.PathLike],
     *,
-    base_model_name_or_path: Optional[str] = None,
+    base_model_name_or_path: Optional[Union[str, os.PathLike]] = None,
     task_type: Optional[str] = None,
 ) -> None:
     """Write Share task ``task`` of a wrapped ``model`` as a peft LoRA adapter of rank p.
@@ -635,6 +637,8 @@ def to_peft_adapter(
         raise ValueError(f"the layers have different p {sorted(ps)}; a peft adapter has one rank per config")
     p = ps.pop()
     source = getattr(model, SOURCES_ATTR, {}).get(task, {})
+    if isinstance(base_model_name_or_path, os.PathLike):  # a local model directory: JSON holds strings
+        base_model_name_or_path = os.fspath(base_model_name_or_path)
     tensors = {}
     with torch.no_grad():
         for n, layer in layers.items():
@@ -653,7 +657,8 @@ def to_peft_adapter(
         "target_modules": _exact_names_regex(list(layers)),
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
+        # peft's flag for Conv1D targets (it forces the right value per layer type anyway)
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
         "use_dora": False,
         "inference_mode": True,
         "init_lora_weights": True,
@@ -661,6 +666,7 @@ def to_peft_adapter(
         "alpha_pattern": {},
         "modules_to_save": None,
     }
+    directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     _save_tensors(os.path.join(directory, SAFETENSORS_NAME), tensors, {"format": "pt"})
     atomic_write(os.path.join(directory, CONFIG_NAME), json.dumps(config, indent=2).encode())

@@ -12,6 +12,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from ..nn.common import is_adaptable
 from .method import Method, get_method, make_config, method_of_config, method_of_layer
 
 TargetModules = Union[str, Sequence[str]]
@@ -35,11 +36,13 @@ def _output_embedding_name(model: nn.Module) -> Optional[str]:
 
 
 def match_linear_layers(model: nn.Module, target_modules: TargetModules) -> list[str]:
-    """Names of the ``nn.Linear`` submodules that ``target_modules`` selects, in model order.
+    """Names of the linear submodules that ``target_modules`` selects, in model order: ``nn.Linear``
+    and transformers' ``Conv1D`` (GPT-2's ``c_attn``, ``c_proj``, ``c_fc``; weight stored
+    transposed, peft's ``fan_in_fan_out``), as peft picks them.
 
     ``target_modules``: a list of name suffixes (``"q_proj"`` matches ``"layers.0.attn.q_proj"``
     and ``"q_proj"``, not ``"xq_proj"``), a regex string matched against the whole name, or
-    ``"all-linear"`` (every ``nn.Linear`` except the output head that ``get_output_embeddings()``
+    ``"all-linear"`` (every such layer except the output head that ``get_output_embeddings()``
     names). Linears inside ``nn.MultiheadAttention`` are never candidates: it uses their weight
     without calling them. ValueError, naming the targets and the layers searched, when nothing
     matches.
@@ -50,7 +53,7 @@ def match_linear_layers(model: nn.Module, target_modules: TargetModules) -> list
         if isinstance(m, nn.MultiheadAttention)
         for c, _ in m.named_children()
     }
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n and n not in inside_mha]
+    linears = [n for n, m in model.named_modules() if is_adaptable(m) and n and n not in inside_mha]
     if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
         head = _output_embedding_name(model)
         matched = [n for n in linears if n != head]
@@ -70,8 +73,8 @@ def match_linear_layers(model: nn.Module, target_modules: TargetModules) -> list
     if not matched:
         shown = ", ".join(linears[:12]) + (f", ... ({len(linears)} in all)" if len(linears) > 12 else "")
         raise ValueError(
-            f"target_modules={target_modules!r} matched no nn.Linear layer of {type(model).__name__}; "
-            f"searched the nn.Linear layers: {shown or 'none'}"
+            f"target_modules={target_modules!r} matched no nn.Linear or Conv1D layer of {type(model).__name__}; "
+            f"searched the nn.Linear and Conv1D layers: {shown or 'none'}"
         )
     return matched
 
@@ -132,7 +135,8 @@ def model_method(model: nn.Module) -> tuple[type[Method], Any, dict[str, nn.Modu
 
 
 def replace_linears(model: nn.Module, layer_cls: type[nn.Module], kwargs_by_name: Mapping[str, dict]) -> None:
-    """Replace each named ``nn.Linear`` by ``layer_cls.from_linear(linear, **kwargs)`` in place."""
+    """Replace each named ``nn.Linear`` (or transformers ``Conv1D``) by
+    ``layer_cls.from_linear(linear, **kwargs)`` in place."""
     for name, kwargs in kwargs_by_name.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

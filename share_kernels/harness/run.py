@@ -89,10 +89,15 @@ def run_continual(cfg: HarnessConfig, dist: Optional[Dist] = None, progress: boo
     dtype = DTYPES[cfg.dtype]
     t0 = time.perf_counter()
     load0 = os.getloadavg()
+    say = echo if dist.rank == 0 else (lambda *a, **k: None)
+    say(f"[{time.perf_counter() - t0:5.1f} s] reading {len(cfg.tasks)} task(s) from their corpora: {', '.join(cfg.tasks)}")
     tasks = load_tasks(cfg.tasks, cfg.train_per_class, cfg.test_per_class, cfg.seed)
+    say(f"[{time.perf_counter() - t0:5.1f} s] loading the backbone (all-MiniLM-L6-v2, {cfg.dtype})")
     tokenizer, bert = load_backbone(dtype)
     first = cfg.layers[0]
     train_sets, test_sets = [], []
+    n_texts = sum(len(t.train_labels) + len(t.test_labels) for t in tasks)
+    say(f"[{time.perf_counter() - t0:5.1f} s] encoding {n_texts} texts through the frozen layers 0-{first - 1} (once)")
     for t in tasks:
         train_sets.append(TrainData(t.name, encode_bottom(tokenizer, bert, t.train_texts, first, cfg.max_length), torch.tensor(t.train_labels)))
         test_sets.append((encode_bottom(tokenizer, bert, t.test_texts, first, cfg.max_length), torch.tensor(t.test_labels)))
@@ -118,7 +123,9 @@ def run_continual(cfg: HarnessConfig, dist: Optional[Dist] = None, progress: boo
         "methods": {},
     }
     bar = _progress(dist.rank) if progress else None
-    for method in cfg.methods:
+    say(f"[{time.perf_counter() - t0:5.1f} s] ready; training {len(cfg.methods)} method(s) on {len(tasks)} task(s)")
+    for i, method in enumerate(cfg.methods, 1):
+        t_method = time.perf_counter()
         # seeded per method: a method's result does not depend on which ran before it (or on
         # what the process did before: DDP ranks and a single process agree)
         torch.manual_seed(_seed(cfg.seed, method, "wrap"))
@@ -140,9 +147,21 @@ def run_continual(cfg: HarnessConfig, dist: Optional[Dist] = None, progress: boo
         d["class_incremental"] = summarize(r.class_incremental)
         d["config"] = _method_config(runner)
         results["methods"][method] = d
+        say(_method_line(i, len(cfg.methods), method, d, time.perf_counter() - t_method))
     results["host"]["loadavg_end"] = list(os.getloadavg())
     results["total_s"] = time.perf_counter() - t0
     return results
+
+
+def _method_line(i: int, n: int, method: str, d: dict, seconds: float) -> str:
+    """One line per finished method: average accuracy and forgetting (task- and class-incremental)."""
+    parts = []
+    for key, label in (("task_incremental", "task-IL"), ("class_incremental", "class-IL")):
+        s = d.get(key)
+        if s:
+            pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+            parts.append(f"{label} accuracy {pct(s['average_accuracy'])}%, forgetting {pct(s['forgetting'])}")
+    return f"[{i}/{n}] {method} done in {seconds:.1f} s: " + ("; ".join(parts) or "no accuracy recorded")
 
 
 def _registered() -> list[str]:
@@ -183,29 +202,10 @@ TINY = dict(tasks=("bbc", "sentiment"), train_per_class=4, test_per_class=4, epo
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = HarnessConfig()
-    p.add_argument("--methods", nargs="+", default=list(d.methods), help=f"default: {' '.join(d.methods)}")
-    p.add_argument("--tasks", nargs="+", default=None, help=f"task stream in order (default: {' '.join(d.tasks)})")
-    p.add_argument("--epochs", type=int, default=None, help=f"epochs per task (default {d.epochs})")
-    p.add_argument("--batch-size", type=int, default=None, help=f"global batch size (default {d.batch_size})")
-    p.add_argument("--lr", type=float, default=None, help=f"AdamW peak learning rate (default {d.lr})")
-    p.add_argument("--train-per-class", type=int, default=None, help=f"training texts per class (default {d.train_per_class})")
-    p.add_argument("--test-per-class", type=int, default=None, help=f"test texts per class (default {d.test_per_class})")
-    p.add_argument("--max-length", type=int, default=None, help=f"tokens per text (default {d.max_length})")
-    p.add_argument("--layers", type=int, nargs="+", default=None, help="adapted encoder layers (default 4 5)")
-    p.add_argument("--targets", nargs="+", default=None, help="adapted projections (default query value)")
-    p.add_argument("--rank", type=int, default=None, help=f"LoRA rank of every method (default {d.rank})")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", choices=list(DTYPES), default=None)
-    p.add_argument(
-        "--head-loss", choices=["own", "seen"], default=None,
-        help="a task's loss over its own classes (default) or over every class seen so far (old heads frozen)",
-    )
-    p.add_argument("--option", action="append", default=[], metavar="METHOD.NAME=VALUE", help="a method's config field, e.g. share.k=16")
-    p.add_argument("--preset", choices=["default", "tiny"], default="default", help="tiny: 2 tasks, a few texts (tests)")
-    p.add_argument("--out", default="continual-out", help="directory for results.json and results.png")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    p.add_argument("--no-progress", action="store_true")
+    """The command's options (defined in :mod:`share_kernels.cli`, which --help reads without torch)."""
+    from ..cli import continual_arguments
+
+    continual_arguments(p)
 
 
 def config_from_args(args: argparse.Namespace) -> HarnessConfig:
@@ -214,7 +214,13 @@ def config_from_args(args: argparse.Namespace) -> HarnessConfig:
         v = getattr(args, name)
         if v is not None:
             kw[name] = v
-    return HarnessConfig(methods=args.methods, method_options=_parse_options(args.option), **kw)
+    if args.methods is not None:
+        known = list(dict.fromkeys([*ALL_METHODS, *_registered()]))
+        unknown = [m for m in args.methods if m not in known]
+        if unknown:
+            raise ValueError(f"--methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+        kw["methods"] = args.methods
+    return HarnessConfig(method_options=_parse_options(args.option), **kw)
 
 
 def _init_distributed() -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 import torch.nn as nn
 from torch import Tensor
@@ -17,6 +18,32 @@ def check_task_name(name: str) -> None:
         raise ValueError(f"invalid task name {name!r}: use letters, digits, '_' and '-' (not as the first character)")
     if name in _RESERVED:
         raise ValueError(f"invalid task name {name!r}: it is reserved (a method of nn.ParameterDict)")
+
+
+def conv1d_class():
+    """``transformers.pytorch_utils.Conv1D`` if transformers is loaded, else None. A model can only
+    hold a Conv1D once that module is imported, so this never imports transformers itself."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None) if mod is not None else None
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (GPT-2's ``c_attn``, ``c_proj``, ``c_fc``): a linear layer
+    whose weight is stored transposed, (d_in, d_out) -- peft's ``fan_in_fan_out=True``."""
+    cls = conv1d_class()
+    return cls is not None and isinstance(module, cls)
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """The layers the adapters wrap: ``nn.Linear`` and transformers' ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def layer_features(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of an ``nn.Linear``, a Conv1D (weight (d_in, d_out)) or an adapter layer."""
+    if is_conv1d(module):
+        return tuple(module.weight.shape)
+    return module.in_features, module.out_features
 
 
 _BASE = "base_layer."
@@ -67,6 +94,23 @@ class TaskLayer(nn.Module):
         super().__init__()
         self.register_state_dict_post_hook(_base_keys_to_original_names)
         self.register_load_state_dict_pre_hook(_original_names_to_base_keys)
+
+    #: True when ``base_layer`` is a transformers ``Conv1D`` (weight stored (d_in, d_out))
+    fan_in_fan_out: bool = False
+
+    def _init_base(self, base_layer: nn.Module, owner: str) -> None:
+        """Keep ``base_layer`` (frozen) and read d_in, d_out from it: an ``nn.Linear`` or a Conv1D."""
+        if not is_adaptable(base_layer):
+            raise TypeError(f"{owner} wraps an nn.Linear or a transformers Conv1D; got {type(base_layer).__name__}")
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.base_layer = base_layer.requires_grad_(False)
+        d0, d1 = base_layer.weight.shape
+        self.in_features, self.out_features = (d0, d1) if self.fan_in_fan_out else (d1, d0)
+
+    def base_weight(self) -> Tensor:
+        """The base weight as (d_out, d_in), as ``F.linear`` takes it (a transposed view for Conv1D)."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
 
     @property
     def tasks(self) -> list[str]:

@@ -41,15 +41,11 @@ class InfLoRALinear(TaskLayer):
 
     def __init__(self, base_layer: nn.Linear, r: int = 10, scale: float = DEFAULT_SCALE):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"InfLoRALinear wraps an nn.Linear; got {type(base_layer).__name__}")
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ValueError(f"InfLoRALinear: r must be a positive int; got {r!r}")
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"InfLoRALinear: scale must be a finite number > 0; got {scale!r}")
-        self.base_layer = base_layer.requires_grad_(False)
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        self._init_base(base_layer, "InfLoRALinear")  # nn.Linear or transformers Conv1D
         self.r = r
         #: the norm of B_t's rows (B_t = scale · top-r singular directions, transposed)
         self.scale = float(scale)
@@ -172,7 +168,7 @@ class InfLoRALinear(TaskLayer):
 
     def _set_folded(self, delta: Optional[Tensor]) -> None:
         """Install ``folded_delta`` (stored in the weight's dtype) and the merged weight copy."""
-        w = self.base_layer.weight
+        w = self.base_weight()
         if delta is None:
             self.folded_delta = self.folded_weight = None
             return
@@ -184,7 +180,7 @@ class InfLoRALinear(TaskLayer):
     def _operands(self, j: int) -> tuple[Tensor, Tensor, Tensor]:
         """(weight, U, C) of the forward with tasks 0..j: folded tasks enter through the
         weight when all of them are included, the rest as branches."""
-        w = self.base_layer.weight
+        w = self.base_weight()
         start = self.n_folded if self.n_folded and j >= self.n_folded - 1 else 0
         if start:
             w = self.folded_weight

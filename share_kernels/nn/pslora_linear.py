@@ -57,14 +57,10 @@ class PSLoRALinear(TaskLayer):
         self, base_layer: nn.Linear, r: int = 8, lora_alpha: float = 8.0, alpha: float = 100.0, lam: float = 0.1
     ):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"PSLoRALinear wraps an nn.Linear; got {type(base_layer).__name__}")
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ValueError(f"PSLoRALinear: r must be a positive int; got {r!r}")
         lora_alpha = _number("lora_alpha", lora_alpha, 0.0, strict=True)
-        self.base_layer = base_layer.requires_grad_(False)
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        self._init_base(base_layer, "PSLoRALinear")  # nn.Linear or transformers Conv1D
         self.requested_r = r
         self.r = min(r, self.in_features, self.out_features)
         self.lora_alpha = lora_alpha
@@ -72,7 +68,7 @@ class PSLoRALinear(TaskLayer):
         self.alpha = _number("alpha", alpha, 0.0)
         self.lam = _number("lam", lam, 0.0)
         w = base_layer.weight
-        self.register_buffer("prev_delta", torch.zeros_like(w, requires_grad=False))
+        self.register_buffer("prev_delta", w.new_zeros(self.out_features, self.in_features))
         # W + prev_delta; None while the history is zero (the forward then uses W itself).
         self.register_buffer("merged_weight", None, persistent=False)
         # load_state_dict copies into prev_delta in place: rebuild the copy from it afterwards.
@@ -159,7 +155,7 @@ class PSLoRALinear(TaskLayer):
                 f"prev_delta: expected (d_out={self.out_features}, d_in={self.in_features}); "
                 f"got {tuple(prev_delta.shape)}"
             )
-        w = self.base_layer.weight
+        w = self.base_weight()
         self.prev_delta = prev_delta.detach().to(device=w.device, dtype=w.dtype).contiguous()
         if not bool(self.prev_delta.any()):
             self.merged_weight = None
@@ -176,7 +172,7 @@ class PSLoRALinear(TaskLayer):
         self.set_task(self.active_task)
 
     def _weight(self) -> Tensor:
-        return self.merged_weight if self.merged_weight is not None else self.base_layer.weight
+        return self.merged_weight if self.merged_weight is not None else self.base_weight()
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., d_in) -> (..., d_out)."""

@@ -53,16 +53,12 @@ class ShareLinear(TaskLayer):
 
     def __init__(self, base_layer: nn.Linear, k: int = 32, p: int = 8, scale: float = 1.0):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"ShareLinear wraps an nn.Linear; got {type(base_layer).__name__}")
         for arg, v in (("k", k), ("p", p)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"ShareLinear: {arg} must be a positive int; got {v!r}")
         if not math.isfinite(scale):
             raise ValueError(f"ShareLinear: scale must be finite; got {scale!r}")
-        self.base_layer = base_layer.requires_grad_(False)
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        self._init_base(base_layer, "ShareLinear")  # nn.Linear or transformers Conv1D
         #: the most columns U and V may have (the requested k, capped at min(d_in, d_out))
         self.max_k = min(k, self.in_features, self.out_features)
         self.p = p
@@ -273,7 +269,7 @@ class ShareLinear(TaskLayer):
             return self.base_layer(x)
         WA, Ea, WB, Eb = self._factors_in(self.active_task)
         C = self.scale * (Ea @ Eb.t()) @ WB.t()
-        return lowrank_linear(x, self.base_layer.weight, self.base_layer.bias, WA, C)
+        return lowrank_linear(x, self.base_weight(), self.base_layer.bias, WA, C)
 
     def cores(self) -> Tensor:
         """(T, k, k): ``cores[t] = scale * eps_a[t] eps_b[t]ᵀ`` in task-id order."""
@@ -297,7 +293,7 @@ class ShareLinear(TaskLayer):
                 "ShareLinear: the task_ids forward is inference-only; run it under torch.no_grad() or "
                 "torch.inference_mode(), or train one task at a time with set_task()"
             )
-        w = self.base_layer.weight
+        w = self.base_weight()
         return multi_task_linear(x, w, self.base_layer.bias, self.U, cores, self.V, task_ids, check_ids=check_ids)
 
     # ----------------------------------------------------------------- save / load / stats

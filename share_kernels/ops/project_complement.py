@@ -130,6 +130,10 @@ def _ensure_ops() -> bool:
                     _fallback_lib.impl(_OP_GROUPED, _reference_grouped_kernel, key)
             torch.library.register_fake(f"share_kernels::{_OP}")(_fake)
             torch.library.register_fake(f"share_kernels::{_OP_GROUPED}")(_fake_grouped)
+            from ._autocast import register as _register_autocast
+
+            for _name in (_OP, _OP_GROUPED):
+                _register_autocast(_name, "fp32")
             _ready = True
     return True
 
