@@ -1,7 +1,10 @@
 """Helpers shared by the adapter layers."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
+from typing import Iterator, Mapping, Optional
 
 import torch.nn as nn
 from torch import Tensor
@@ -17,6 +20,30 @@ def check_task_name(name: str) -> None:
         raise ValueError(f"invalid task name {name!r}: use letters, digits, '_' and '-' (not as the first character)")
     if name in _RESERVED:
         raise ValueError(f"invalid task name {name!r}: it is reserved (a method of nn.ParameterDict)")
+
+
+# Per-forward task ids (``share_kernels.task_ids``): ``{layer: ids}`` in a context variable, so
+# each thread (and each asyncio task) sees only the ids its own ``with task_ids(...)`` set;
+# two requests served at once on one model never see each other's ids.
+_ROUTED: contextvars.ContextVar[Mapping[nn.Module, Tensor]] = contextvars.ContextVar(
+    "share_kernels_task_ids", default={}
+)
+
+
+@contextlib.contextmanager
+def routed_task_ids(per_layer: Mapping[nn.Module, Tensor]) -> Iterator[None]:
+    """Within the block, in this thread / context only, ``current_task_ids(layer)`` returns
+    ``per_layer[layer]`` (ids already checked); nested blocks override per layer."""
+    token = _ROUTED.set({**_ROUTED.get(), **per_layer})
+    try:
+        yield
+    finally:
+        _ROUTED.reset(token)
+
+
+def current_task_ids(layer: nn.Module) -> Optional[Tensor]:
+    """The task ids a ``routed_task_ids`` block of this context set for ``layer``, or None."""
+    return _ROUTED.get().get(layer)
 
 
 class TaskLayer(nn.Module):

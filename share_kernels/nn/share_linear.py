@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..ops.lowrank_linear import lowrank_linear
 from ..ops.multi_task_linear import multi_task_linear
-from .common import TaskLayer, check_task_name
+from .common import TaskLayer, check_task_name, current_task_ids
 
 
 def random_orthonormal(d: int, n: int, *, against: Optional[Tensor] = None, like: Tensor) -> Tensor:
@@ -50,6 +50,9 @@ class ShareLinear(TaskLayer):
     parameters (and only those) trainable. All adapter tensors take the base weight's dtype
     and device.
     """
+
+    #: its forward reads the ids of ``share_kernels.task_ids`` (multi-task path)
+    routes_task_ids = True
 
     def __init__(self, base_layer: nn.Linear, k: int = 32, p: int = 8, scale: float = 1.0):
         super().__init__()
@@ -266,9 +269,14 @@ class ShareLinear(TaskLayer):
         :attr:`tasks` order): each row uses its own task's coefficients, the multi-tenant path
         (:func:`~share_kernels.multi_task_linear`); inference only. ``check_ids=False`` skips the
         range check of the id values (a host sync on a GPU) for callers that checked them.
+        Inside ``share_kernels.task_ids(model, ids)`` the ids of that block (in the calling
+        thread only) are used when ``task_ids`` is not given.
         """
         if task_ids is not None:
             return self._forward_multi(x, task_ids, check_ids)
+        routed = current_task_ids(self)  # set by share_kernels.task_ids in this thread, checked there
+        if routed is not None:
+            return self._forward_multi(x, routed, check_ids=False)
         if self.active_task is None:
             return self.base_layer(x)
         WA, Ea, WB, Eb = self._factors_in(self.active_task)
