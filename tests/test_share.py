@@ -238,9 +238,10 @@ def test_bad_task_names():
     layer.add_task("a")
     with pytest.raises(ValueError, match="already exists"):
         layer.add_task("a")
-    for bad in ("", "a.b", "-a", "a b", "keys", 3):
-        with pytest.raises(ValueError, match="invalid task name"):
+    for bad in ("", "a.b", "-a", "a b", "keys", "__base__", "a/b", "..", "x" * 101, 3, None):
+        with pytest.raises((ValueError, TypeError), match="invalid task name"):
             layer.add_task(bad)
+    layer.add_task("x" * 100)  # the longest name
     for call in (layer.set_task, layer.delta_weight, layer.task_factors, layer.task_tensors):
         with pytest.raises(ValueError, match="unknown task 'zz'"):
             call("zz")

@@ -8,7 +8,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ..nn.common import routed_task_ids
+from ..nn.common import BASE_TASK, routed_task_ids
 from .method import Method, get_method, make_config, method_of_config, method_of_layer
 
 TargetModules = Union[str, Sequence[str]]
@@ -120,8 +120,6 @@ def wrap(model: nn.Module, method: str, target_modules: TargetModules, **cfg) ->
     return model
 
 
-#: the task name that means "no task, the base model" in :func:`task_ids` (as peft's ``adapter_names``)
-BASE_TASK = "__base__"
 
 TaskIds = Union[torch.Tensor, Sequence[Any]]
 

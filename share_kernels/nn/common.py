@@ -14,10 +14,26 @@ _TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 _RESERVED = frozenset(n for n in dir(nn.ParameterDict) if not n.startswith("_"))
 
 
+#: longest task name: it is part of a file name (``task-<name>.safetensors``, 255 bytes at most)
+MAX_TASK_NAME = 100
+#: the name ``task_ids`` reads as "no task, the base model" (peft's ``adapter_names``)
+BASE_TASK = "__base__"
+
+
 def check_task_name(name: str) -> None:
-    """Task names key parameters and name files: letters, digits, ``_`` and ``-`` (not first)."""
-    if not isinstance(name, str) or not _TASK_NAME.fullmatch(name):
-        raise ValueError(f"invalid task name {name!r}: use letters, digits, '_' and '-' (not as the first character)")
+    """Task names key parameters and name files: 1 to 100 letters, digits, ``_`` and ``-``
+    (not first), so never a path separator; not ``__base__`` (``task_ids``' name for no task)."""
+    if not isinstance(name, str):
+        raise TypeError(f"invalid task name {name!r}: a task name must be a str, got {type(name).__name__}")
+    if len(name) > MAX_TASK_NAME:
+        raise ValueError(f"invalid task name {name[:20]!r}...: {len(name)} characters, at most {MAX_TASK_NAME}")
+    if not _TASK_NAME.fullmatch(name):
+        raise ValueError(
+            f"invalid task name {name!r}: use 1 to {MAX_TASK_NAME} letters, digits, '_' and '-' (not as the first "
+            "character); no path separators"
+        )
+    if name == BASE_TASK:
+        raise ValueError(f"invalid task name {name!r}: task_ids uses it for the base model")
     if name in _RESERVED:
         raise ValueError(f"invalid task name {name!r}: it is reserved (a method of nn.ParameterDict)")
 
