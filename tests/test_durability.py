@@ -493,3 +493,100 @@ def test_version_1_layout_still_loads(tmp_path):
         save_adapters(model, tmp_path, tasks=["b"])
     save_adapters(model, tmp_path)
     assert same(state_on_disk(tmp_path), expected) and only_referenced_files(tmp_path)
+
+
+# ----------------------------------------------------------------------------- peft adapter files
+
+
+def write_peft_adapter(path, seed=0, **config):
+    """A peft LoRA adapter directory as ``save_pretrained`` writes it (two layers, r=2)."""
+    torch.manual_seed(seed)
+    os.makedirs(path, exist_ok=True)
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["0", "2"], **config}
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    tensors = {}
+    for layer, (d_in, d_out) in {"0": (9, 14), "2": (14, 5)}.items():
+        tensors[f"base_model.model.{layer}.lora_A.weight"] = torch.randn(2, d_in)
+        tensors[f"base_model.model.{layer}.lora_B.weight"] = torch.randn(d_out, 2)
+    (path / "adapter_model.safetensors").write_bytes(st_save(tensors))
+    return str(path)
+
+
+def test_peft_adapter_files_are_checked_as_far_as_they_can_be(tmp_path):
+    """peft writes no digest; what can be checked is: the safetensors header (flips, truncation),
+    dtypes, finiteness, shapes, the config's numbers and patterns, and the factors again when
+    they are used (the file may change in between). Every failure is a ValueError / TypeError
+    naming the file: ``compress`` (and the CLI's exit status 2) sees only those."""
+    from share_kernels.continual.compress import compress
+    from share_kernels.continual.peft_io import read_peft_adapter
+
+    good = write_peft_adapter(tmp_path / "good")
+    read_peft_adapter(good).factors("0")
+    rng = random.Random(2)
+    wfile = tmp_path / "good" / "adapter_model.safetensors"
+    raw = wfile.read_bytes()
+    header = 8 + int.from_bytes(raw[:8], "little")
+    cases = []
+    for i in range(12):  # flips in the header: a broken JSON header or offsets
+        off = rng.randrange(0, header)
+        cases.append((f"header flip {off}", lambda d, off=off: _flip(d / "adapter_model.safetensors", off)))
+    for cut in (0, 5, header - 3, header + 3, len(raw) - 1):
+        cases.append((f"truncated to {cut}", lambda d, cut=cut: os.truncate(d / "adapter_model.safetensors", cut)))
+
+    def retensor(change):
+        def mutate(d):
+            t = st_load((d / "adapter_model.safetensors").read_bytes())
+            key = "base_model.model.2.lora_B.weight"
+            t[key] = change(t[key])
+            (d / "adapter_model.safetensors").write_bytes(st_save(t))
+
+        return mutate
+
+    cases += [
+        ("NaN", retensor(lambda t: torch.full_like(t, float("nan")))),
+        ("inf", retensor(lambda t: torch.full_like(t, float("inf")))),
+        ("int", retensor(lambda t: t.to(torch.int32))),
+        ("3-D", retensor(lambda t: t[None])),
+        ("rank", retensor(lambda t: t[:, :1].contiguous())),
+    ]
+
+    def reconfig(**kw):
+        def mutate(d):
+            cfg = json.loads((d / "adapter_config.json").read_text())
+            cfg.update(kw)
+            (d / "adapter_config.json").write_text(json.dumps(cfg))
+
+        return mutate
+
+    cases += [
+        ("lora_alpha NaN", lambda d: (d / "adapter_config.json").write_text(
+            (d / "adapter_config.json").read_text().replace('"lora_alpha": 4', '"lora_alpha": NaN'))),
+        ("rank_pattern list", reconfig(rank_pattern=["0"])),
+        ("bad regex", reconfig(rank_pattern={"(": 2})),
+        ("alpha_pattern string", reconfig(alpha_pattern={"0": "x"})),
+        ("r string", reconfig(r="2")),
+        ("config not JSON", lambda d: (d / "adapter_config.json").write_bytes(b"\xff{")),
+    ]
+    for i, (what, mutate) in enumerate(cases):
+        d = tmp_path / f"bad{i}"
+        shutil.copytree(good, d)
+        mutate(d)
+        with pytest.raises((ValueError, TypeError), match=str(d)):
+            read_peft_adapter(str(d))
+        with pytest.raises((ValueError, TypeError)):
+            compress([str(d)], 2, str(tmp_path / f"out{i}"), progress=False)
+    # the file changes after it was read: the factors are checked again when they are used
+    d = tmp_path / "later"
+    shutil.copytree(good, d)
+    adapter = read_peft_adapter(str(d))
+    retensor(lambda t: torch.full_like(t, float("nan")))(d)
+    with pytest.raises(ValueError, match="lora_B holds NaN"):
+        adapter.factors("2")
+    # the factors own their memory
+    d = tmp_path / "owned"
+    shutil.copytree(good, d)
+    A, B = read_peft_adapter(str(d)).factors("0")
+    before = (A.clone(), B.clone())
+    (d / "adapter_model.safetensors").write_bytes(b"\x00" * len(raw))
+    assert torch.equal(A, before[0]) and torch.equal(B, before[1])
+    print(f"peft corruption trials: {len(cases) + 1}")
