@@ -11,6 +11,7 @@ they require grad; the backward is its own op (``lowrank_linear_backward``) so t
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -91,8 +92,9 @@ def _lowrank_linear_backward_op(
     need_x, need_w, need_b, need_u, need_c = needs
     d_in = x.shape[-1]
     d_out = weight.shape[0]
-    g2 = grad_out.reshape(-1, d_out)
-    x2 = x.reshape(-1, d_in)
+    rows = math.prod(x.shape[:-1])
+    g2 = grad_out.reshape(rows, d_out)  # not -1: it cannot infer the rows when d_in or d_out is 0
+    x2 = x.reshape(rows, d_in)
     # Distinct empties: a custom op's outputs may not alias each other.
     dx, dw, db, du, dc = (x.new_empty(0) for _ in range(5))
     t_g = None  # dy @ C^T, (M, k)
