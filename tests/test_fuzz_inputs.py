@@ -252,3 +252,63 @@ def test_zero_size_dimensions_work_on_every_op(dtype, n, d_in, d_out, k):
         grouped = sk.project_complement_grouped([X.to(dtype), rnd(3, 2).to(dtype)], [M.to(dtype), rnd(3, 0).to(dtype)], mode)
         close(grouped[0], ref, dtype)
 
+
+
+# ----------------------------------------------------------------------------- named arguments
+
+
+def test_public_functions_name_bad_arguments(tmp_path):
+    """The calls the issue found failing deep inside (or not at all) raise ValueError / TypeError
+    naming the argument."""
+    import torch.nn as nn
+
+    from share_kernels.continual import ContinualLearner
+    from share_kernels.continual.share import build_subspace_from_lora
+
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 4))
+
+    def share_layer():
+        return sk.ShareLinear(nn.Linear(6, 5), k=2, p=2)
+
+    active = share_layer()
+    active.add_task("a")
+    active.set_task("a")
+    inflora = ContinualLearner(mlp(), "inflora", target_modules=["0", "2"], r=2)
+    nan = float("nan")
+    cases = [
+        (lambda: sk.ShareLinear(nn.Linear(6, 5), scale=None), ValueError, "scale must be a finite number"),
+        (lambda: sk.ShareLinear(nn.Linear(6, 5), scale=nan), ValueError, "scale must be a finite number"),
+        (lambda: active.expand(1.5), ValueError, "phi must be an int"),
+        (lambda: active.expand(-1), ValueError, "phi must be an int"),
+        (lambda: share_layer().add_task("a", lora_rank=0), ValueError, "lora_rank must be a positive int"),
+        (lambda: share_layer().add_task("a", lora_rank=2.5), ValueError, "lora_rank must be a positive int"),
+        (lambda: share_layer().add_task("__base__"), ValueError, "task_ids uses it for the base model"),
+        (lambda: share_layer().add_task("t" * 250), ValueError, "250 characters, at most 100"),
+        (lambda: share_layer().add_task("a/b"), ValueError, "no path separators"),
+        (lambda: build_subspace_from_lora(share_layer(), [([[1.0]], [[1.0]])]), TypeError, "pair of tensors"),
+        (
+            lambda: build_subspace_from_lora(share_layer(), [(torch.full((2, 6), nan), torch.ones(5, 2))]),
+            ValueError,
+            "A holds NaN",
+        ),
+        (
+            lambda: build_subspace_from_lora(share_layer(), [(torch.ones(2, 6).long(), torch.ones(5, 2).long())]),
+            TypeError,
+            "A must be floating point",
+        ),
+        (lambda: inflora.begin_task("a", [torch.full((4, 6), nan)]), ValueError, "hold NaN or infinite"),
+        (lambda: sk.wrap(mlp(), "share", "("), ValueError, "not a valid regex"),
+        (lambda: sk.wrap(mlp(), "share", ["0"], scale=None), ValueError, "scale"),
+        (lambda: sk.wrap(mlp(), "pslora", ["0"], lora_alpha=nan), ValueError, "lora_alpha"),
+        (lambda: sk.task_ids("model", ["a"]).__enter__(), TypeError, "model must be a torch.nn.Module"),
+        (lambda: ContinualLearner("model", "share"), TypeError, "model must be a torch.nn.Module"),
+        (lambda: sk.stability_loss(torch.ones(2, 3), torch.ones(4, 2), torch.ones(4, 3), None), TypeError, "alpha"),
+        (lambda: sk.stability_loss(torch.ones(2, 3), torch.ones(4, 2), torch.ones(4, 3), nan), ValueError, "alpha"),
+        (lambda: sk.lowrank_linear([1.0], torch.ones(2, 1), None, torch.ones(1, 1), torch.ones(1, 2)), TypeError, "x must be a torch.Tensor"),
+        (lambda: sk.project_complement(torch.ones(3, 2), torch.ones(3, 1), mode=None), TypeError, "mode must be a str"),
+    ]
+    for i, (call, kind, match) in enumerate(cases):
+        with pytest.raises(kind, match=match):
+            call()

@@ -316,7 +316,17 @@ def _check_lora_factors(layer: ShareLinear, factors: Sequence[tuple[Tensor, Tens
         raise ValueError(f"build_subspace_from_lora needs a layer without tasks; it has {layer.tasks}")
     if not factors:
         raise ValueError("build_subspace_from_lora: no LoRA factors given")
-    for i, (A, B) in enumerate(factors):
+    if not isinstance(factors, (list, tuple)):
+        raise TypeError(f"build_subspace_from_lora: factors must be a list of (A, B) pairs; got {type(factors).__name__}")
+    for i, pair in enumerate(factors):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, Tensor) for t in pair)):
+            raise TypeError(f"LoRA factors #{i}: expected a pair of tensors (A, B); got {type(pair).__name__}")
+        A, B = pair
+        for name, t in (("A", A), ("B", B)):
+            if not t.is_floating_point():
+                raise TypeError(f"LoRA factors #{i}: {name} must be floating point; got {t.dtype}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"LoRA factors #{i}: {name} holds NaN or infinite values")
         r = A.shape[0] if A.dim() == 2 else -1
         if A.shape != (r, layer.in_features) or B.shape != (layer.out_features, r):
             raise ValueError(

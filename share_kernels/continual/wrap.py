@@ -73,6 +73,8 @@ def match_linear_layers(model: nn.Module, target_modules: TargetModules) -> list
 
 def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The model's adapter layers (of any registered method) by module name, in model order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     return {n: m for n, m in model.named_modules() if method_of_layer(m) is not None}
 
 

@@ -61,8 +61,8 @@ class ShareLinear(TaskLayer):
         for arg, v in (("k", k), ("p", p)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"ShareLinear: {arg} must be a positive int; got {v!r}")
-        if not math.isfinite(scale):
-            raise ValueError(f"ShareLinear: scale must be finite; got {scale!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"ShareLinear: scale must be a finite number; got {scale!r}")
         self.base_layer = base_layer.requires_grad_(False)
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
@@ -113,6 +113,8 @@ class ShareLinear(TaskLayer):
                 f"task {self.training_task!r} still holds training directions; consolidate it (end_task) "
                 f"before adding {name!r}"
             )
+        if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
+            raise ValueError(f"add_task: lora_rank must be a positive int or None; got {lora_rank!r}")
         if lora_rank is not None:
             if self._tasks:
                 raise ValueError(f"lora_rank is only for the first task; this layer has tasks {self._tasks}")
@@ -144,6 +146,8 @@ class ShareLinear(TaskLayer):
             raise ValueError(f"expand needs the last task added as the active task; active is {name!r}")
         if self.training_task is not None:
             raise ValueError(f"task {self.training_task!r} already holds training directions")
+        if isinstance(phi, bool) or not isinstance(phi, int) or phi < 0:
+            raise ValueError(f"expand: phi must be an int >= 0; got {phi!r}")
         phi = min(phi, self.in_features - self.k, self.out_features - self.k)
         if phi <= 0:
             return 0
