@@ -249,7 +249,8 @@ def test_zero_size_dimensions_work_on_every_op(dtype, n, d_in, d_out, k):
     for mode in ("remove", "retain"):
         ref = sk.project_complement_reference(X, M, mode)
         close(sk.project_complement(X.to(dtype), M.to(dtype), mode), ref, dtype)
-        grouped = sk.project_complement_grouped([X.to(dtype), rnd(3, 2).to(dtype)], [M.to(dtype), rnd(3, 0).to(dtype)], mode)
+        Xs, Ms = [X.to(dtype), rnd(3, 2).to(dtype)], [M.to(dtype), rnd(3, 0).to(dtype)]
+        grouped = sk.project_complement_grouped(Xs, Ms, mode)
         close(grouped[0], ref, dtype)
 
 
@@ -306,9 +307,13 @@ def test_public_functions_name_bad_arguments(tmp_path):
         (lambda: ContinualLearner("model", "share"), TypeError, "model must be a torch.nn.Module"),
         (lambda: sk.stability_loss(torch.ones(2, 3), torch.ones(4, 2), torch.ones(4, 3), None), TypeError, "alpha"),
         (lambda: sk.stability_loss(torch.ones(2, 3), torch.ones(4, 2), torch.ones(4, 3), nan), ValueError, "alpha"),
-        (lambda: sk.lowrank_linear([1.0], torch.ones(2, 1), None, torch.ones(1, 1), torch.ones(1, 2)), TypeError, "x must be a torch.Tensor"),
+        (
+            lambda: sk.lowrank_linear([1.0], torch.ones(2, 1), None, torch.ones(1, 1), torch.ones(1, 2)),
+            TypeError,
+            "x must be a torch.Tensor",
+        ),
         (lambda: sk.project_complement(torch.ones(3, 2), torch.ones(3, 1), mode=None), TypeError, "mode must be a str"),
     ]
-    for i, (call, kind, match) in enumerate(cases):
+    for call, kind, match in cases:
         with pytest.raises(kind, match=match):
             call()

@@ -385,7 +385,9 @@ def _read_tensors(
         raise ValueError(f"{where}: file {path} cannot be read ({e})") from None
     if entry is not None:
         if len(data) != entry["bytes"]:
-            raise ValueError(f"{where}: {path} has {len(data)} bytes, the manifest says {entry['bytes']} (truncated or damaged)")
+            raise ValueError(
+                f"{where}: {path} has {len(data)} bytes, the manifest says {entry['bytes']} (truncated or damaged)"
+            )
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise ValueError(f"{where}: {path} does not match the SHA-256 in the manifest (the file is damaged)")
     try:
@@ -417,8 +419,10 @@ def _spec(cfg: dict, where: str):
         saved = cfg["layers"]
         shared_shapes = {n: spec["shared"] for n, spec in saved.items()}
         task_shapes = {n: spec["task"] or {} for n, spec in saved.items()}
-        shared_dtypes = {f"{n}.{k}": d for n, spec in saved.items() for k, d in (spec.get("shared_dtypes") or {}).items()}
-        task_dtypes = {f"{n}.{k}": d for n, spec in saved.items() for k, d in (spec.get("task_dtypes") or {}).items()}
+        shared_dtypes, task_dtypes = (
+            {f"{n}.{k}": d for n, spec in saved.items() for k, d in (spec.get(key) or {}).items()}
+            for key in ("shared_dtypes", "task_dtypes")
+        )
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{where}: malformed layer entries ({type(e).__name__}: {e})") from None
     if cfg["version"] >= 2 and cfg["tasks"] and not (shared_dtypes and task_dtypes):
@@ -470,7 +474,9 @@ def load_adapters(model: nn.Module, directory: str) -> list[str]:
         in_model = _model_tasks(layers) if layers else []
         stray = [t for t in in_model if t not in cfg["tasks"]]
         if stray:
-            raise ValueError(f"the model holds tasks {stray} that {directory!r} lacks; they would not fit the loaded bases")
+            raise ValueError(
+                f"the model holds tasks {stray} that {directory!r} lacks; they would not fit the loaded bases"
+            )
 
         sid = cfg["subspace"]
         shared_shapes, task_shapes, shared_dtypes, task_dtypes = _spec(cfg, cfg_path)
@@ -492,7 +498,9 @@ def load_adapters(model: nn.Module, directory: str) -> list[str]:
         try:
             replace_linears(model, method.layer_cls, {n: spec["layer_config"] for n, spec in saved.items()})
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{cfg_path}: the saved layer_config does not build a {method.layer_cls.__name__}: {e}") from None
+            raise ValueError(
+                f"{cfg_path}: the saved layer_config does not build a {method.layer_cls.__name__}: {e}"
+            ) from None
         model.requires_grad_(False)
         layers = adapter_layers(model)
     for n, layer in layers.items():

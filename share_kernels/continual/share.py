@@ -294,7 +294,10 @@ def consolidate_layer(layer: ShareLinear, k: Union[int, float], keep_subspace: b
     changes = {}
     for t in tasks:
         ea, eb = coefficients[t]
-        changes[t] = 0.0 if t not in moved else _relative_change(*old[t], _f64(U_low) @ _f64(ea), _f64(V_low) @ _f64(eb))
+        if t in moved:
+            changes[t] = _relative_change(*old[t], _f64(U_low) @ _f64(ea), _f64(V_low) @ _f64(eb))
+        else:
+            changes[t] = 0.0
     layer.set_subspace(U_low, V_low, coefficients)
     _keep_master(layer, U, V, exact)
     return changes
@@ -317,7 +320,9 @@ def _check_lora_factors(layer: ShareLinear, factors: Sequence[tuple[Tensor, Tens
     if not factors:
         raise ValueError("build_subspace_from_lora: no LoRA factors given")
     if not isinstance(factors, (list, tuple)):
-        raise TypeError(f"build_subspace_from_lora: factors must be a list of (A, B) pairs; got {type(factors).__name__}")
+        raise TypeError(
+            f"build_subspace_from_lora: factors must be a list of (A, B) pairs; got {type(factors).__name__}"
+        )
     for i, pair in enumerate(factors):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, Tensor) for t in pair)):
             raise TypeError(f"LoRA factors #{i}: expected a pair of tensors (A, B); got {type(pair).__name__}")
