@@ -143,3 +143,25 @@ def test_ids_set_in_one_thread_are_invisible_to_another():
         done.set()
         t.join()
     assert torch.equal(plain, single_thread(model, x, ["__base__"] * 3))
+
+
+def test_asyncio_tasks_interleaved_inside_their_blocks():
+    """Two asyncio tasks enter their blocks, yield to each other, then run their forwards."""
+    import asyncio
+
+    model = served_model()
+    x = torch.randn(3, 9, dtype=F64)
+    ids = {0: ["a", "b", "c"], 1: ["c", "__base__", "a"]}
+    ref = {i: single_thread(model, x, v) for i, v in ids.items()}
+
+    async def serve(i):
+        with torch.no_grad(), share_kernels.task_ids(model, ids[i]):
+            await asyncio.sleep(0)  # the other task enters its block here
+            await asyncio.sleep(0)
+            return model(x)
+
+    async def both():
+        return await asyncio.gather(serve(0), serve(1))
+
+    out = asyncio.run(both())
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
