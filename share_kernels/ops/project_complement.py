@@ -159,13 +159,15 @@ def project_complement_grouped(Xs: Sequence[Tensor], Ms: Sequence[Tensor], mode:
     the column blocks of all layers; CUDA: two kernel launches per 40 layers.
     """
     check_project_complement_grouped_inputs(Xs, Ms, mode)
+    if not Xs:
+        return []  # the dispatcher needs a tensor to pick a kernel
     # zero-size pairs run the reference (the extension's kernels assume d, n, k > 0)
     full = [i for i, (X, M) in enumerate(zip(Xs, Ms)) if X.numel() and M.numel()]
     if len(full) == len(Xs):
         _ensure_ops()
         return torch.ops.share_kernels.project_complement_grouped(list(Xs), list(Ms), mode)
     out = [None if i in full else project_complement_reference(Xs[i], Ms[i], mode) for i in range(len(Xs))]
-    if full:  # (none at all: the dispatcher needs a tensor to pick a kernel)
+    if full:
         _ensure_ops()
         done = torch.ops.share_kernels.project_complement_grouped([Xs[i] for i in full], [Ms[i] for i in full], mode)
         for i, r in zip(full, done):
