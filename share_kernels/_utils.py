@@ -57,6 +57,23 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     )
 
 
+def check_tensors(op: str, optional: tuple[str, ...] = (), **named) -> None:
+    """TypeError unless every named argument is a ``torch.Tensor`` (None allowed for the names
+    in ``optional``), so a list or a number fails here, named, not deep inside an op."""
+    for name, t in named.items():
+        if t is None and name in optional:
+            continue
+        if not isinstance(t, torch.Tensor):
+            what = "a torch.Tensor or None" if name in optional else "a torch.Tensor"
+            raise TypeError(f"{op}: {name} must be {what}; got {type(t).__name__}")
+
+
+def check_flag(op: str, name: str, value, kind: type) -> None:
+    """TypeError unless ``value`` is a ``kind`` (a bool flag, a str option)."""
+    if not isinstance(value, kind):
+        raise TypeError(f"{op}: {name} must be a {kind.__name__}; got {type(value).__name__} {value!r}")
+
+
 def shape_str(t: torch.Tensor | None) -> str:
     return "None" if t is None else "(" + ", ".join(str(s) for s in t.shape) + ")"
 

@@ -524,8 +524,12 @@ def test_cli_compress_end_to_end(base_state, adapters, ids, tmp_path, capsys):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with open(os.path.join(out, "compress_report.json")) as f:
         report = json.load(f)
-    written = ["share_config.json", "shared.safetensors", *(f"task-{t}.safetensors" for t in adapters)]
-    assert report["output_bytes"] == sum(os.path.getsize(os.path.join(out, n)) for n in written)
+    from share_kernels.continual.io import saved_files
+
+    files = saved_files(out)
+    assert sorted(files) == sorted(["shared.safetensors", *(f"task-{t}.safetensors" for t in adapters)])
+    written = [os.path.join(out, "share_config.json"), *files.values()]
+    assert report["output_bytes"] == sum(os.path.getsize(n) for n in written)
     for t, path in adapters.items():
         files = ["adapter_config.json", "adapter_model.bin" if t == "legacy_bin" else "adapter_model.safetensors"]
         assert report["input_bytes"][t] == sum(os.path.getsize(os.path.join(path, n)) for n in files)

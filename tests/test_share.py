@@ -21,6 +21,7 @@ from share_kernels.continual import (
     save_adapters,
     wrap,
 )
+from share_kernels.continual.io import saved_files
 from share_kernels.nn import ShareLinear
 from share_kernels.ops.multi_task_linear import multi_task_linear_reference
 
@@ -238,9 +239,10 @@ def test_bad_task_names():
     layer.add_task("a")
     with pytest.raises(ValueError, match="already exists"):
         layer.add_task("a")
-    for bad in ("", "a.b", "-a", "a b", "keys", 3):
-        with pytest.raises(ValueError, match="invalid task name"):
+    for bad in ("", "a.b", "-a", "a b", "keys", "__base__", "a/b", "..", "x" * 101, 3, None):
+        with pytest.raises((ValueError, TypeError), match="invalid task name"):
             layer.add_task(bad)
+    layer.add_task("x" * 100)  # the longest name
     for call in (layer.set_task, layer.delta_weight, layer.task_factors, layer.task_tensors):
         with pytest.raises(ValueError, match="unknown task 'zz'"):
             call("zz")
@@ -446,22 +448,35 @@ def outputs(model, tasks, x):
     return out
 
 
+def rewrite_with_digest(directory, name, data):
+    """Replace a saved file's bytes and record their digest in the manifest (a deliberate edit
+    that passes the integrity checks, to reach the checks behind them)."""
+    import hashlib
+
+    from share_kernels.continual.io import _manifest_digest
+
+    with open(saved_files(directory)[name], "wb") as f:
+        f.write(data)
+    cfg = json.loads((directory / "share_config.json").read_text())
+    cfg["files"][name].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    cfg["manifest_sha256"] = _manifest_digest(cfg)
+    (directory / "share_config.json").write_text(json.dumps(cfg))
+
+
 def test_save_load_round_trip(tmp_path):
     model, learner = trained_model()
     x = torch.randn(7, 9, dtype=F64)
     ref = outputs(model, ["a", "b", None], x)
     save_adapters(model, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == [
-        "share_config.json",
-        "shared.safetensors",
-        "task-a.safetensors",
-        "task-b.safetensors",
-    ]
+    files = saved_files(tmp_path)
+    assert sorted(files) == ["shared.safetensors", "task-a.safetensors", "task-b.safetensors"]
+    (version,) = {os.path.basename(os.path.dirname(p)) for p in files.values()}  # one version folder
+    assert sorted(os.listdir(tmp_path)) == [".share_lock", "share_config.json", version]
     cfg = json.loads((tmp_path / "share_config.json").read_text())
     assert cfg["method"] == "share" and cfg["tasks"] == ["a", "b"] and cfg["config"]["k"] == 4
     assert cfg["layers"]["0"]["shared"] == {"U": [9, 4], "V": [14, 4]}
     # a task is only its coefficients: 2 layers x 2 x (4 x 2) float64 plus a small header
-    assert os.path.getsize(tmp_path / "task-a.safetensors") < 1024
+    assert os.path.getsize(files["task-a.safetensors"]) < 1024
 
     fresh = tiny_mlp()
     fresh.load_state_dict(base_state_dict(model))  # the base weights, under the plain model's names
@@ -481,12 +496,17 @@ def test_save_load_round_trip(tmp_path):
 def test_one_new_task_ships_as_one_file_when_the_subspace_is_kept(tmp_path):
     model, learner = trained_model(merge=False)
     save_adapters(model, tmp_path)
-    inode = os.stat(tmp_path / "shared.safetensors").st_ino
+    before = saved_files(tmp_path)
+    inode = os.stat(before["shared.safetensors"]).st_ino
     learner.begin_task("c")
     learner.end_task("c")
     save_adapters(model, tmp_path, tasks=["c"])
-    assert os.stat(tmp_path / "shared.safetensors").st_ino == inode  # not rewritten (os.replace makes a new inode)
-    assert sorted(os.listdir(tmp_path))[-1] == "task-c.safetensors"
+    after = saved_files(tmp_path)
+    assert after["shared.safetensors"] == before["shared.safetensors"]  # referenced, not rewritten
+    assert os.stat(after["shared.safetensors"]).st_ino == inode
+    assert after["task-a.safetensors"] == before["task-a.safetensors"]
+    # the new version folder holds the new task alone
+    assert os.listdir(os.path.dirname(after["task-c.safetensors"])) == ["task-c.safetensors"]
     fresh = tiny_mlp()
     assert load_adapters(fresh, tmp_path) == ["a", "b", "c"]
 
@@ -499,17 +519,12 @@ def test_saving_a_subset_after_the_subspace_moved_drops_stale_tasks(tmp_path):
     with pytest.warns(UserWarning, match="task-a.safetensors"):
         save_adapters(model, tmp_path, tasks=["c"])
     assert json.loads((tmp_path / "share_config.json").read_text())["tasks"] == ["c"]
-    # a stale task file cannot be mixed in: it names other shared tensors
-    cfg = json.loads((tmp_path / "share_config.json").read_text())
-    cfg["tasks"] = ["a", "c"]
-    (tmp_path / "share_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="task-a.safetensors was saved against other shared tensors"):
-        load_adapters(tiny_mlp(), tmp_path)
+    assert sorted(saved_files(tmp_path)) == ["shared.safetensors", "task-c.safetensors"]
 
 
 def test_load_reports_what_does_not_fit(tmp_path):
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save
 
     model, _ = trained_model()
     save_adapters(model, tmp_path)
@@ -525,18 +540,18 @@ def test_load_reports_what_does_not_fit(tmp_path):
     with pytest.raises(ValueError, match="layer '0': saved with"):
         load_adapters(wrapped, tmp_path)
 
-    path = tmp_path / "task-b.safetensors"
+    path = saved_files(tmp_path)["task-b.safetensors"]
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     tensors = load_file(path)
     tensors["2.eps_a"] = torch.zeros(4, 3, dtype=F64)
-    save_file(tensors, path, metadata=meta)
+    rewrite_with_digest(tmp_path, "task-b.safetensors", save(tensors, metadata=meta))
     fresh = tiny_mlp()
     with pytest.raises(ValueError, match=r"layer '2', tensor 'eps_a': expected shape \(4, 2\), got \(4, 3\)"):
         load_adapters(fresh, tmp_path)
     assert isinstance(fresh[0], nn.Linear)  # nothing changed on failure
     del tensors["2.eps_a"]
-    save_file(tensors, path, metadata=meta)
+    rewrite_with_digest(tmp_path, "task-b.safetensors", save(tensors, metadata=meta))
     with pytest.raises(ValueError, match=r"missing tensors \['2.eps_a'\]"):
         load_adapters(fresh, tmp_path)
     os.remove(path)

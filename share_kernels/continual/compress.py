@@ -25,7 +25,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .io import CONFIG_FILE, SHARED_FILE, atomic_write, save_adapters, task_file
+from .io import CONFIG_FILE, SHARED_FILE, atomic_write, save_adapters, saved_files, task_file
 from .peft_io import LayerFit, PeftLora, check_compatible, check_model_layers, ingest, read_peft_adapters
 from .wrap import adapter_layers
 
@@ -337,8 +337,9 @@ def compress(
     layer = next(iter(adapter_layers(model).values()))
     report = make_report(adapters, fits, model.continual_config.k, layer.p)
     save_adapters(model, out)
-    report.shared_bytes = os.path.getsize(os.path.join(out, SHARED_FILE))
-    report.task_bytes = {a: os.path.getsize(os.path.join(out, task_file(a))) for a in report.adapters}
+    files = saved_files(out)
+    report.shared_bytes = os.path.getsize(files[SHARED_FILE])
+    report.task_bytes = {a: os.path.getsize(files[task_file(a)]) for a in report.adapters}
     report.output_bytes = (
         report.shared_bytes + sum(report.task_bytes.values()) + os.path.getsize(os.path.join(out, CONFIG_FILE))
     )

@@ -466,6 +466,11 @@ class InfLoRAMethod(Method):
                 "InfLoRAMethod.model is not set: use ContinualLearner, or set method.model to the wrapped model"
             )
         covs = input_covariances(self.model, self.layers, batches)
+        for n in self.layers:
+            if not bool(torch.isfinite(covs[n][0]).all()):
+                raise ValueError(
+                    f"InfLoRA {when}: the inputs of layer {n!r} hold NaN or infinite values (check the task's batches)"
+                )
         return [covs[n][0] for n in self.layers]
 
     @staticmethod

@@ -108,14 +108,75 @@ class _Weights:
     def keys(self) -> list[str]:
         if self._dict is not None:
             return list(self._dict)
-        with safe_open(self.path, framework="pt") as f:
-            return list(f.keys())
+        with _readable(self.path):
+            with safe_open(self.path, framework="pt") as f:
+                return list(f.keys())
 
     def get(self, keys: Sequence[str]) -> list[Tensor]:
         if self._dict is not None:
-            return [self._dict[k] for k in keys]
-        with safe_open(self.path, framework="pt") as f:
-            return [f.get_tensor(k) for k in keys]
+            return [self._dict[k].clone() for k in keys]
+        # clone: safe_open's tensors are views of the mapped file (a rewrite would change them,
+        # a truncation would kill the process)
+        with _readable(self.path):
+            with safe_open(self.path, framework="pt") as f:
+                return [f.get_tensor(k).clone() for k in keys]
+
+
+class _readable:
+    """Turns any error of reading an adapter's weights (safetensors' ``SafetensorError`` for a
+    damaged header, an OSError) into a ValueError naming the file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if err is not None and not isinstance(err, ValueError) and isinstance(err, Exception):
+            raise ValueError(f"{self.path}: cannot be read as safetensors ({type(err).__name__}: {err})") from None
+        return False
+
+
+def _check_config_values(cfg: dict, cfg_path: str) -> None:
+    """Types and values of the numbers and patterns peft's config gives: finite positive
+    ``r`` / ``lora_alpha`` (a NaN passes ``<= 0``), ``rank_pattern`` / ``alpha_pattern`` as
+    objects of valid regexes to finite positive numbers; ValueError naming the file."""
+    for opt in ("r", "lora_alpha"):
+        v = cfg.get(opt)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{cfg_path}: {opt} must be a finite positive number; got {v!r}")
+    for opt in ("rank_pattern", "alpha_pattern"):
+        pattern = cfg.get(opt)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise ValueError(f"{cfg_path}: {opt} must be an object {{regex: number}}; got {type(pattern).__name__}")
+        for key, v in pattern.items():
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as e:
+                raise ValueError(f"{cfg_path}: {opt} key {key!r} is not a valid regex ({e})") from None
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{cfg_path}: {opt}[{key!r}] must be a finite positive number; got {v!r}")
+    if cfg.get("rank_pattern") and any(not float(v).is_integer() for v in cfg["rank_pattern"].values()):
+        raise ValueError(f"{cfg_path}: rank_pattern values must be whole numbers; got {cfg['rank_pattern']}")
+
+
+def _check_factor_pair(wfile: str, layer: str, A: Tensor, B: Tensor) -> None:
+    """What can be checked of a peft adapter's factors without a digest (peft writes none):
+    2-D shapes that chain, a floating dtype, finite values; ValueError / TypeError naming the
+    file, layer and tensor."""
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+        raise ValueError(
+            f"{wfile}: layer {layer!r}: expected lora_A (r, d_in) and lora_B (d_out, r) (a linear layer); got "
+            f"lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}"
+        )
+    for name, t in (("lora_A", A), ("lora_B", B)):
+        if not t.is_floating_point():
+            raise TypeError(f"{wfile}: layer {layer!r}: {name} must be floating point; got {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{wfile}: layer {layer!r}: {name} holds NaN or infinite values")
 
 
 @dataclass
@@ -157,8 +218,15 @@ class PeftLora:
         return self.shapes[layer][1:]
 
     def factors(self, layer: str) -> tuple[Tensor, Tensor]:
-        """``(A (r, d_in), B (d_out, r))`` of a layer, as stored (scaling not applied)."""
+        """``(A (r, d_in), B (d_out, r))`` of a layer, as stored (scaling not applied); checked
+        again as they are read (the file may have changed since :func:`read_peft_adapter`)."""
         A, B = self.weights.get(self.keys[layer])
+        _check_factor_pair(self.weights.path, layer, A, B)
+        if (A.shape[0], A.shape[1], B.shape[0]) != self.shapes[layer]:
+            raise ValueError(
+                f"{self.weights.path}: layer {layer!r}: the factors' shapes changed since the adapter was read "
+                f"(r, d_in, d_out) {self.shapes[layer]} -> {(A.shape[0], A.shape[1], B.shape[0])}"
+            )
         return A, B
 
 
@@ -179,7 +247,7 @@ def _read_config(path: str) -> dict:
     with open(cfg_path) as f:
         try:
             cfg = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{cfg_path}: expected a JSON object; got {type(cfg).__name__}")
@@ -229,6 +297,7 @@ def read_peft_adapter(path: str, name: Optional[str] = None) -> PeftLora:
     """
     path = os.fspath(path)
     cfg = _read_config(path)
+    _check_config_values(cfg, os.path.join(path, CONFIG_NAME))
     wfile = _weights_file(path)
     weights = _Weights(wfile)
     parts: dict[str, dict[str, str]] = {}
@@ -256,15 +325,7 @@ def read_peft_adapter(path: str, name: Optional[str] = None) -> PeftLora:
             raise ValueError(f"{wfile}: layer {layer!r} has lora_{''.join(ab)} but not both lora_A and lora_B")
         keys[layer] = (ab["A"], ab["B"])
         A, B = weights.get(keys[layer])
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-            raise ValueError(
-                f"{wfile}: layer {layer!r}: expected lora_A (r, d_in) and lora_B (d_out, r) (a linear layer); got "
-                f"lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}"
-            )
-        if not (A.is_floating_point() and B.is_floating_point()):
-            raise TypeError(f"{wfile}: layer {layer!r}: factors must be floating point; got {A.dtype}, {B.dtype}")
-        if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
-            raise ValueError(f"{wfile}: layer {layer!r}: the factors hold NaN or infinite values")
+        _check_factor_pair(wfile, layer, A, B)
         r = _pattern_value(cfg.get("rank_pattern"), layer, cfg["r"])
         alpha = _pattern_value(cfg.get("alpha_pattern"), layer, cfg["lora_alpha"])
         if A.shape[0] != r:

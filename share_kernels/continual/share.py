@@ -208,6 +208,58 @@ def _choose_k(k: Union[int, float], SA: Tensor, SB: Tensor, cap: int) -> int:
     return max(1, min(k, cap))
 
 
+# --------------------------------------------------------------- float64 state of 16/32-bit layers
+
+#: attribute of a ShareLinear holding its float64 consolidation state (not saved, not in the
+#: state_dict): ``{"U", "V": (d, k), "eps": {task: (eps_a, eps_b)}}``
+_MASTER = "_share_consolidation_master"
+
+
+def _master_or_live(master: Optional[Tensor], live: Tensor) -> Tensor:
+    """``master`` (float64) when ``live`` is still exactly its rounding (nothing changed the
+    live tensor since: no training step, no load), else ``live`` in float64."""
+    if master is not None and master.shape == live.shape:
+        master = master.to(live.device)
+        if torch.equal(master.to(live.dtype), live.detach()):
+            return master
+    return _f64(live)
+
+
+def _coordinates64(layer: ShareLinear) -> tuple[Tensor, Tensor, dict[str, tuple[Tensor, Tensor]]]:
+    """:meth:`ShareLinear.coordinates` in float64, with the float64 state of the last
+    consolidation in place of the rounded U, V and coefficients that have not changed since.
+
+    A bf16 / fp16 / fp32 layer stores U, V and the coefficients rounded; consolidating from the
+    rounded values would round every task again at every consolidation (a random walk: 500
+    consolidations of a bf16 model moved an early task's dW by 6%). From the float64 state, a
+    task's stored dW stays within one rounding of its float64 value however often it is merged.
+    """
+    WA, WB, coords = layer.coordinates()
+    WA, WB = _f64(WA), _f64(WB)
+    coords = {t: (_f64(Ea), _f64(Eb)) for t, (Ea, Eb) in coords.items()}
+    master = getattr(layer, _MASTER, None)
+    if master is None or layer.U.dtype == torch.float64:
+        return WA, WB, coords
+    k = layer.k
+    WA[:, :k] = _master_or_live(master["U"], layer.U)
+    WB[:, :k] = _master_or_live(master["V"], layer.V)
+    for t, (Ea, Eb) in coords.items():
+        if t in master["eps"] and t in layer.eps_a and not (t == layer.training_task and layer.lora_A is not None):
+            ea, eb = master["eps"][t]
+            Ea[:k] = _master_or_live(ea, layer.eps_a[t])
+            Eb[:k] = _master_or_live(eb, layer.eps_b[t])
+    return WA, WB, coords
+
+
+def _keep_master(layer: ShareLinear, U: Tensor, V: Tensor, coefficients: dict[str, tuple[Tensor, Tensor]]) -> None:
+    """Record the float64 state that ``layer``'s rounded U, V and coefficients came from."""
+    if layer.U.dtype == torch.float64:
+        return
+    old = getattr(layer, _MASTER, None) or {"eps": {}}
+    eps = {t: coefficients.get(t, old["eps"].get(t)) for t in layer.tasks}
+    layer.__dict__[_MASTER] = {"U": U, "V": V, "eps": {t: e for t, e in eps.items() if e is not None}}
+
+
 @torch.no_grad()
 def consolidate_layer(layer: ShareLinear, k: Union[int, float], keep_subspace: bool = False) -> dict[str, float]:
     """Merge the training task into ``layer``'s subspace and re-express every task (step 3).
@@ -220,30 +272,34 @@ def consolidate_layer(layer: ShareLinear, k: Union[int, float], keep_subspace: b
     tasks = layer.tasks
     if not tasks:
         return {}
-    WA, WB, coords = layer.coordinates()
-    WA, WB = _f64(WA), _f64(WB)
-    old = {t: (WA @ _f64(Ea), WB @ _f64(Eb)) for t, (Ea, Eb) in coords.items()}
+    WA, WB, coords = _coordinates64(layer)
+    old = {t: (WA @ Ea, WB @ Eb) for t, (Ea, Eb) in coords.items()}
+    k_old = layer.k
     if keep_subspace and layer.subspace_built:
-        U, V = _f64(layer.U), _f64(layer.V)
+        U, V = WA[:, :k_old], WB[:, :k_old]
         moved = [layer.training_task] if layer.training_task is not None else []
     else:
-        QA, SA = _principal_directions(WA, torch.cat([_f64(Ea) for Ea, _ in coords.values()], 1))
-        QB, SB = _principal_directions(WB, torch.cat([_f64(Eb) for _, Eb in coords.values()], 1))
+        QA, SA = _principal_directions(WA, torch.cat([Ea for Ea, _ in coords.values()], 1))
+        QB, SB = _principal_directions(WB, torch.cat([Eb for _, Eb in coords.values()], 1))
         kk = _choose_k(k, SA, SB, layer.max_k)
-        U = _complete_basis(QA, kk, _f64(layer.U))
-        V = _complete_basis(QB, kk, _f64(layer.V))
+        U = _complete_basis(QA, kk, WA[:, :k_old])
+        V = _complete_basis(QB, kk, WB[:, :k_old])
         moved = tasks
     dtype = layer.U.dtype
     coefficients = {t: (layer.eps_a[t], layer.eps_b[t]) for t in tasks if t not in moved}
-    for t in moved:
-        ea, eb = _express(*old[t], U, V, layer.p)
+    exact = {t: _express(*old[t], U, V, layer.p) for t in moved}
+    for t, (ea, eb) in exact.items():
         coefficients[t] = (ea.to(dtype), eb.to(dtype))
-    U, V = U.to(dtype), V.to(dtype)
+    U_low, V_low = U.to(dtype), V.to(dtype)
     changes = {}
     for t in tasks:
         ea, eb = coefficients[t]
-        changes[t] = 0.0 if t not in moved else _relative_change(*old[t], _f64(U) @ _f64(ea), _f64(V) @ _f64(eb))
-    layer.set_subspace(U, V, coefficients)
+        if t in moved:
+            changes[t] = _relative_change(*old[t], _f64(U_low) @ _f64(ea), _f64(V_low) @ _f64(eb))
+        else:
+            changes[t] = 0.0
+    layer.set_subspace(U_low, V_low, coefficients)
+    _keep_master(layer, U, V, exact)
     return changes
 
 
@@ -263,7 +319,19 @@ def _check_lora_factors(layer: ShareLinear, factors: Sequence[tuple[Tensor, Tens
         raise ValueError(f"build_subspace_from_lora needs a layer without tasks; it has {layer.tasks}")
     if not factors:
         raise ValueError("build_subspace_from_lora: no LoRA factors given")
-    for i, (A, B) in enumerate(factors):
+    if not isinstance(factors, (list, tuple)):
+        raise TypeError(
+            f"build_subspace_from_lora: factors must be a list of (A, B) pairs; got {type(factors).__name__}"
+        )
+    for i, pair in enumerate(factors):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, Tensor) for t in pair)):
+            raise TypeError(f"LoRA factors #{i}: expected a pair of tensors (A, B); got {type(pair).__name__}")
+        A, B = pair
+        for name, t in (("A", A), ("B", B)):
+            if not t.is_floating_point():
+                raise TypeError(f"LoRA factors #{i}: {name} must be floating point; got {t.dtype}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"LoRA factors #{i}: {name} holds NaN or infinite values")
         r = A.shape[0] if A.dim() == 2 else -1
         if A.shape != (r, layer.in_features) or B.shape != (layer.out_features, r):
             raise ValueError(

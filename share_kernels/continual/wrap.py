@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ..nn.common import is_adaptable
+from ..nn.common import BASE_TASK, is_adaptable, routed_task_ids
 from .method import Method, get_method, make_config, method_of_config, method_of_layer
 
 TargetModules = Union[str, Sequence[str]]
@@ -81,6 +81,8 @@ def match_linear_layers(model: nn.Module, target_modules: TargetModules) -> list
 
 def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The model's adapter layers (of any registered method) by module name, in model order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     return {n: m for n, m in model.named_modules() if method_of_layer(m) is not None}
 
 
@@ -278,8 +280,6 @@ def wrap(
     return model
 
 
-#: the task name that means "no task, the base model" in :func:`task_ids` (as peft's ``adapter_names``)
-BASE_TASK = "__base__"
 
 TaskIds = Union[torch.Tensor, Sequence[Any]]
 
@@ -334,28 +334,19 @@ def task_ids(model: nn.Module, ids: TaskIds) -> Iterator[nn.Module]:
         with torch.no_grad(), task_ids(model, ["cola", "__base__", "rte"]):
             logits = model(input_ids).logits
 
+    The ids live in a context variable, not on the model: they reach the forwards that run in
+    this thread (or asyncio task) inside the block and no others, so several threads may serve
+    one model at once, each inside its own ``with task_ids(...)``.
+
     Unknown names and out-of-range ids raise ``ValueError`` here, once: the ids are read at
     entry (one sync for a GPU tensor, skipped during CUDA graph capture) and the layers then
     skip their per-call check. Tensor ids are used as they are, so a captured CUDA graph
     replays with whatever was copied into them.
     """
     layers = model_method(model)[2]
-    extra = {}
     for name, layer in layers.items():
-        params = inspect.signature(layer.forward).parameters
-        if "task_ids" not in params:
+        if not getattr(layer, "routes_task_ids", False):
             raise TypeError(f"task_ids: layer {name!r} ({type(layer).__name__}) has no multi-task forward")
-        extra[name] = {"check_ids": False} if "check_ids" in params else {}  # checked once, above
     per_layer = _layer_ids(layers, ids)
-    hooks = [
-        layer.register_forward_pre_hook(
-            lambda mod, args, kwargs, _kw={"task_ids": per_layer[name], **extra[name]}: (args, {**kwargs, **_kw}),
-            with_kwargs=True,
-        )
-        for name, layer in layers.items()
-    ]
-    try:
+    with routed_task_ids({layers[name]: t for name, t in per_layer.items()}):
         yield model
-    finally:
-        for h in hooks:
-            h.remove()

@@ -1,8 +1,11 @@
 """Helpers shared by the adapter layers."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
 import sys
+from typing import Iterator, Mapping, Optional
 
 import torch.nn as nn
 from torch import Tensor
@@ -12,10 +15,26 @@ _TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 _RESERVED = frozenset(n for n in dir(nn.ParameterDict) if not n.startswith("_"))
 
 
+#: longest task name: it is part of a file name (``task-<name>.safetensors``, 255 bytes at most)
+MAX_TASK_NAME = 100
+#: the name ``task_ids`` reads as "no task, the base model" (peft's ``adapter_names``)
+BASE_TASK = "__base__"
+
+
 def check_task_name(name: str) -> None:
-    """Task names key parameters and name files: letters, digits, ``_`` and ``-`` (not first)."""
-    if not isinstance(name, str) or not _TASK_NAME.fullmatch(name):
-        raise ValueError(f"invalid task name {name!r}: use letters, digits, '_' and '-' (not as the first character)")
+    """Task names key parameters and name files: 1 to 100 letters, digits, ``_`` and ``-``
+    (not first), so never a path separator; not ``__base__`` (``task_ids``' name for no task)."""
+    if not isinstance(name, str):
+        raise TypeError(f"invalid task name {name!r}: a task name must be a str, got {type(name).__name__}")
+    if len(name) > MAX_TASK_NAME:
+        raise ValueError(f"invalid task name {name[:20]!r}...: {len(name)} characters, at most {MAX_TASK_NAME}")
+    if not _TASK_NAME.fullmatch(name):
+        raise ValueError(
+            f"invalid task name {name!r}: use 1 to {MAX_TASK_NAME} letters, digits, '_' and '-' (not as the first "
+            "character); no path separators"
+        )
+    if name == BASE_TASK:
+        raise ValueError(f"invalid task name {name!r}: task_ids uses it for the base model")
     if name in _RESERVED:
         raise ValueError(f"invalid task name {name!r}: it is reserved (a method of nn.ParameterDict)")
 
@@ -74,6 +93,30 @@ def _original_names_to_base_keys(
         key = prefix + name
         if key in state_dict and prefix + _BASE + name not in state_dict:
             state_dict[prefix + _BASE + name] = state_dict.pop(key)
+
+
+# Per-forward task ids (``share_kernels.task_ids``): ``{layer: ids}`` in a context variable, so
+# each thread (and each asyncio task) sees only the ids its own ``with task_ids(...)`` set;
+# two requests served at once on one model never see each other's ids.
+_ROUTED: contextvars.ContextVar[Mapping[nn.Module, Tensor]] = contextvars.ContextVar(
+    "share_kernels_task_ids", default={}
+)
+
+
+@contextlib.contextmanager
+def routed_task_ids(per_layer: Mapping[nn.Module, Tensor]) -> Iterator[None]:
+    """Within the block, in this thread / context only, ``current_task_ids(layer)`` returns
+    ``per_layer[layer]`` (ids already checked); nested blocks override per layer."""
+    token = _ROUTED.set({**_ROUTED.get(), **per_layer})
+    try:
+        yield
+    finally:
+        _ROUTED.reset(token)
+
+
+def current_task_ids(layer: nn.Module) -> Optional[Tensor]:
+    """The task ids a ``routed_task_ids`` block of this context set for ``layer``, or None."""
+    return _ROUTED.get().get(layer)
 
 
 class TaskLayer(nn.Module):

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..ops.lowrank_linear import lowrank_linear
 from ..ops.multi_task_linear import multi_task_linear
-from .common import TaskLayer, check_task_name
+from .common import TaskLayer, check_task_name, current_task_ids
 
 
 def random_orthonormal(d: int, n: int, *, against: Optional[Tensor] = None, like: Tensor) -> Tensor:
@@ -51,13 +51,16 @@ class ShareLinear(TaskLayer):
     and device.
     """
 
+    #: its forward reads the ids of ``share_kernels.task_ids`` (multi-task path)
+    routes_task_ids = True
+
     def __init__(self, base_layer: nn.Linear, k: int = 32, p: int = 8, scale: float = 1.0):
         super().__init__()
         for arg, v in (("k", k), ("p", p)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"ShareLinear: {arg} must be a positive int; got {v!r}")
-        if not math.isfinite(scale):
-            raise ValueError(f"ShareLinear: scale must be finite; got {scale!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"ShareLinear: scale must be a finite number; got {scale!r}")
         self._init_base(base_layer, "ShareLinear")  # nn.Linear or transformers Conv1D
         #: the most columns U and V may have (the requested k, capped at min(d_in, d_out))
         self.max_k = min(k, self.in_features, self.out_features)
@@ -106,6 +109,8 @@ class ShareLinear(TaskLayer):
                 f"task {self.training_task!r} still holds training directions; consolidate it (end_task) "
                 f"before adding {name!r}"
             )
+        if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
+            raise ValueError(f"add_task: lora_rank must be a positive int or None; got {lora_rank!r}")
         if lora_rank is not None:
             if self._tasks:
                 raise ValueError(f"lora_rank is only for the first task; this layer has tasks {self._tasks}")
@@ -137,6 +142,8 @@ class ShareLinear(TaskLayer):
             raise ValueError(f"expand needs the last task added as the active task; active is {name!r}")
         if self.training_task is not None:
             raise ValueError(f"task {self.training_task!r} already holds training directions")
+        if isinstance(phi, bool) or not isinstance(phi, int) or phi < 0:
+            raise ValueError(f"expand: phi must be an int >= 0; got {phi!r}")
         phi = min(phi, self.in_features - self.k, self.out_features - self.k)
         if phi <= 0:
             return 0
@@ -262,9 +269,14 @@ class ShareLinear(TaskLayer):
         :attr:`tasks` order): each row uses its own task's coefficients, the multi-tenant path
         (:func:`~share_kernels.multi_task_linear`); inference only. ``check_ids=False`` skips the
         range check of the id values (a host sync on a GPU) for callers that checked them.
+        Inside ``share_kernels.task_ids(model, ids)`` the ids of that block (in the calling
+        thread only) are used when ``task_ids`` is not given.
         """
         if task_ids is not None:
             return self._forward_multi(x, task_ids, check_ids)
+        routed = current_task_ids(self)  # set by share_kernels.task_ids in this thread, checked there
+        if routed is not None:
+            return self._forward_multi(x, routed, check_ids=False)
         if self.active_task is None:
             return self.base_layer(x)
         WA, Ea, WB, Eb = self._factors_in(self.active_task)

@@ -11,13 +11,14 @@ they require grad; the backward is its own op (``lowrank_linear_backward``) so t
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._utils import check_float_dtypes, check_ndim, check_same_device, shape_str, use_triton
+from .._utils import check_float_dtypes, check_ndim, check_same_device, check_tensors, shape_str, use_triton
 
 _OP = "lowrank_linear"
 
@@ -29,6 +30,7 @@ def lowrank_linear_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
 
 def check_lowrank_linear_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], U: Tensor, C: Tensor) -> None:
     """ValueError for shapes and devices, TypeError for dtypes, naming the argument and shapes."""
+    check_tensors(_OP, ("bias",), x=x, weight=weight, bias=bias, U=U, C=C)
     check_float_dtypes(_OP, x=x, weight=weight, bias=bias, U=U, C=C)
     check_same_device(_OP, x=x, weight=weight, bias=bias, U=U, C=C)
     if x.dim() < 1:
@@ -55,7 +57,8 @@ def check_lowrank_linear_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor
 def _fused(x: Tensor, weight: Tensor, U: Tensor) -> bool:
     from ..kernels.lowrank_linear import MAX_FUSED_RANK
 
-    return use_triton(x, weight, U) and U.shape[1] <= MAX_FUSED_RANK
+    # zero-size inputs run the reference: nothing to fuse, and no empty launch grid
+    return use_triton(x, weight, U) and U.shape[1] <= MAX_FUSED_RANK and min(x.numel(), weight.numel(), U.numel()) > 0
 
 
 @torch.library.custom_op("share_kernels::lowrank_linear", mutates_args=())
@@ -89,8 +92,9 @@ def _lowrank_linear_backward_op(
     need_x, need_w, need_b, need_u, need_c = needs
     d_in = x.shape[-1]
     d_out = weight.shape[0]
-    g2 = grad_out.reshape(-1, d_out)
-    x2 = x.reshape(-1, d_in)
+    rows = math.prod(x.shape[:-1])
+    g2 = grad_out.reshape(rows, d_out)  # not -1: it cannot infer the rows when d_in or d_out is 0
+    x2 = x.reshape(rows, d_in)
     # Distinct empties: a custom op's outputs may not alias each other.
     dx, dw, db, du, dc = (x.new_empty(0) for _ in range(5))
     t_g = None  # dy @ C^T, (M, k)
@@ -149,4 +153,5 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], U: Tensor,
     Returns:
         (..., d_out) in x's dtype; ``x @ U`` is accumulated and kept in fp32 on CUDA.
     """
+    check_tensors(_OP, ("bias",), x=x, weight=weight, bias=bias, U=U, C=C)
     return torch.ops.share_kernels.lowrank_linear(x, weight, bias, U, C)

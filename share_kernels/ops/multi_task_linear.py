@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._utils import check_float_dtypes, check_ndim, check_same_device, shape_str, use_triton
+from .._utils import check_flag, check_float_dtypes, check_ndim, check_same_device, check_tensors, shape_str, use_triton
 
 _OP = "multi_task_linear"
 STRATEGIES = ("auto", "gather", "grouped")
@@ -64,6 +64,7 @@ def check_multi_task_linear_inputs(
     check_values: bool = True,
 ) -> None:
     """ValueError for shapes, devices and (with ``check_values``) ids out of range; TypeError for dtypes."""
+    check_tensors(_OP, ("bias",), x=x, weight=weight, bias=bias, U=U, cores=cores, V=V, task_ids=task_ids)
     check_float_dtypes(_OP, x=x, weight=weight, bias=bias, U=U, cores=cores, V=V)
     check_same_device(_OP, x=x, weight=weight, bias=bias, U=U, cores=cores, V=V, task_ids=task_ids)
     if not _integer(task_ids):
@@ -120,8 +121,9 @@ def multi_task_linear_reference(
     """
     check_multi_task_linear_inputs(x, weight, bias, U, cores, V, task_ids)
     ids = task_ids.reshape(task_ids.shape + (1,) * (x.dim() - 1 - task_ids.dim())).expand(x.shape[:-1]).reshape(-1)
-    x2 = x.reshape(-1, x.shape[-1])
-    out = F.linear(x, weight, bias).reshape(-1, weight.shape[0])
+    rows = ids.numel()  # not reshape(-1, d): that cannot infer the rows when d_in or d_out is 0
+    x2 = x.reshape(rows, x.shape[-1])
+    out = F.linear(x, weight, bias).reshape(rows, weight.shape[0])
     for t in ids.unique().tolist():
         if t < 0:
             continue
@@ -158,6 +160,7 @@ def choose_strategy(rows: int, num_tasks: int, run: int = 1) -> str:
 
 
 def _check_strategy(strategy) -> None:
+    check_flag(_OP, "strategy", strategy, str)
     if strategy not in STRATEGIES:
         raise ValueError(f"{_OP}: strategy must be one of {STRATEGIES}; got {strategy!r}")
 
@@ -165,7 +168,8 @@ def _check_strategy(strategy) -> None:
 def _fused(x: Tensor, U: Tensor) -> bool:
     from ..kernels.multi_task_linear import MAX_FUSED_RANK
 
-    return use_triton(x) and U.shape[1] <= MAX_FUSED_RANK
+    # zero-size inputs run the reference: nothing to fuse, and no empty launch grid
+    return use_triton(x) and U.shape[1] <= MAX_FUSED_RANK and x.numel() > 0 and U.numel() > 0
 
 
 def _capturing(x: Tensor) -> bool:
@@ -260,6 +264,9 @@ def multi_task_linear(
     Raises:
         ValueError / TypeError for bad inputs; RuntimeError if gradients are required.
     """
+    check_tensors(_OP, ("bias",), x=x, weight=weight, bias=bias, U=U, cores=cores, V=V, task_ids=task_ids)
+    _check_strategy(strategy)
+    check_flag(_OP, "check_ids", check_ids, bool)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, U, cores, V)):
         raise RuntimeError(_GRAD_MESSAGE)
     return torch.ops.share_kernels.multi_task_linear(x, weight, bias, U, cores, V, task_ids, strategy, check_ids)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from .._utils import check_float_dtypes, check_ndim, check_same_device, shape_str
+from .._utils import check_flag, check_float_dtypes, check_ndim, check_same_device, shape_str
 
 _OP = "project_complement"
 _OP_GROUPED = "project_complement_grouped"
@@ -56,6 +56,7 @@ def _check_pair(op: str, X: Tensor, M: Tensor, x_name: str, m_name: str) -> None
 
 
 def _check_mode(op: str, mode) -> None:
+    check_flag(op, "mode", mode, str)
     if mode not in MODES:
         raise ValueError(f'{op}: mode must be "remove" or "retain"; got {mode!r}')
 
@@ -149,6 +150,8 @@ def project_complement(X: Tensor, M: Tensor, mode: str = "remove") -> Tensor:
         CUDA: Mᵀ X then the update with the subtraction fused, no d x n intermediate.
     """
     check_project_complement_inputs(X, M, mode)
+    if X.numel() == 0 or M.numel() == 0:  # nothing to stream (the extension's kernels assume d, n, k > 0)
+        return project_complement_reference(X, M, mode)
     _ensure_ops()
     return torch.ops.share_kernels.project_complement(X, M, mode)
 
@@ -162,5 +165,15 @@ def project_complement_grouped(Xs: Sequence[Tensor], Ms: Sequence[Tensor], mode:
     check_project_complement_grouped_inputs(Xs, Ms, mode)
     if not Xs:
         return []  # the dispatcher needs a tensor to pick a kernel
-    _ensure_ops()
-    return torch.ops.share_kernels.project_complement_grouped(list(Xs), list(Ms), mode)
+    # zero-size pairs run the reference (the extension's kernels assume d, n, k > 0)
+    full = [i for i, (X, M) in enumerate(zip(Xs, Ms)) if X.numel() and M.numel()]
+    if len(full) == len(Xs):
+        _ensure_ops()
+        return torch.ops.share_kernels.project_complement_grouped(list(Xs), list(Ms), mode)
+    out = [None if i in full else project_complement_reference(Xs[i], Ms[i], mode) for i in range(len(Xs))]
+    if full:
+        _ensure_ops()
+        done = torch.ops.share_kernels.project_complement_grouped([Xs[i] for i in full], [Ms[i] for i in full], mode)
+        for i, r in zip(full, done):
+            out[i] = r
+    return out

@@ -31,7 +31,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._utils import check_float_dtypes, check_ndim, check_same_device, shape_str, use_triton
+from .._utils import check_flag, check_float_dtypes, check_ndim, check_same_device, check_tensors, shape_str, use_triton
 
 _OP = "stability_loss"
 
@@ -94,6 +94,9 @@ def stability_loss_reference(
 
 def check_stability_loss_inputs(A: Tensor, B: Tensor, prev_delta: Tensor, alpha: float) -> None:
     """ValueError for shapes, devices and alpha, TypeError for dtypes, naming the argument."""
+    check_tensors(_OP, A=A, B=B, prev_delta=prev_delta)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"{_OP}: alpha must be a number; got {type(alpha).__name__} {alpha!r}")
     check_float_dtypes(_OP, A=A, B=B, prev_delta=prev_delta)
     check_same_device(_OP, A=A, B=B, prev_delta=prev_delta)
     check_ndim(_OP, "A", A, 2, "(r, d_in)")
@@ -223,6 +226,7 @@ def stability_loss(A: Tensor, B: Tensor, prev_delta: Tensor, alpha: float) -> Te
     Returns:
         0-dim float32 (float64 for float64 inputs), differentiable in A and B.
     """
+    check_stability_loss_inputs(A, B, prev_delta, alpha)
     if torch.is_grad_enabled() and (A.requires_grad or B.requires_grad):
         return torch.ops.share_kernels.stability_loss_and_grad(A, B, prev_delta, alpha)[0]
     return torch.ops.share_kernels.stability_loss(A, B, prev_delta, alpha)
