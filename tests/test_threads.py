@@ -155,10 +155,13 @@ def test_asyncio_tasks_interleaved_inside_their_blocks():
     ref = {i: single_thread(model, x, v) for i, v in ids.items()}
 
     async def serve(i):
-        with torch.no_grad(), share_kernels.task_ids(model, ids[i]):
+        # grad mode is per thread, not per asyncio task: a no_grad held across an await would be
+        # undone out of order by the other task and leave grad off; keep it around the forward only
+        with share_kernels.task_ids(model, ids[i]):
             await asyncio.sleep(0)  # the other task enters its block here
             await asyncio.sleep(0)
-            return model(x)
+            with torch.no_grad():
+                return model(x)
 
     async def both():
         return await asyncio.gather(serve(0), serve(1))
