@@ -166,6 +166,8 @@ def test_trainer_two_processes_identical_adapters(method, tmp_path):
 
     from safetensors.torch import load_file
 
+    from share_kernels.continual.io import saved_files
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -173,13 +175,14 @@ def test_trainer_two_processes_identical_adapters(method, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "of 2: done" in proc.stdout
-    files = sorted(f for f in os.listdir(tmp_path / "rank0") if f.endswith(".safetensors"))
+    saved = {d: saved_files(tmp_path / d) for d in ("rank0", "rank1", "main")}
+    files = sorted(saved["rank0"])
     assert len(files) == 4  # shared + three tasks
-    assert files == sorted(f for f in os.listdir(tmp_path / "main") if f.endswith(".safetensors"))
+    assert files == sorted(saved["rank1"]) == sorted(saved["main"])
     for f in files:  # rank 0, rank 1, and what the trainer saved (main process) agree exactly
-        a, b, c = (load_file(str(tmp_path / d / f)) for d in ("rank0", "rank1", "main"))
+        a, b, c = (load_file(saved[d][f]) for d in ("rank0", "rank1", "main"))
         assert a.keys() == b.keys() == c.keys() and a
         for k in a:
             assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), (f, k)
-    trained = load_file(str(tmp_path / "rank0" / "task-t2.safetensors"))
+    trained = load_file(saved["rank0"]["task-t2.safetensors"])
     assert any(v.abs().sum() > 0 for k, v in trained.items() if k.endswith(".A"))  # A trained away from zero

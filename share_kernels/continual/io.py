@@ -35,7 +35,7 @@ import os
 import re
 import secrets
 import warnings
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -213,8 +213,9 @@ def _check_manifest(cfg: dict) -> None:
                 raise TypeError(f"file {name!r}: sha256 must be a str and bytes an int")
 
 
-def saved_files(directory: str) -> dict[str, str]:
+def saved_files(directory: Union[str, os.PathLike]) -> dict[str, str]:
     """``{file name: path}`` of the data files the manifest of ``directory`` uses."""
+    directory = os.fspath(directory)
     return _paths(directory, _read_config(directory))
 
 

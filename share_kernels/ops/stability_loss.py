@@ -92,11 +92,17 @@ def stability_loss_reference(
     return loss, dA.to(A.dtype), dB.to(B.dtype)
 
 
-def check_stability_loss_inputs(A: Tensor, B: Tensor, prev_delta: Tensor, alpha: float) -> None:
-    """ValueError for shapes, devices and alpha, TypeError for dtypes, naming the argument."""
+def _check_argument_types(A: Tensor, B: Tensor, prev_delta: Tensor, alpha: float) -> None:
+    """What the dispatcher would reject with an unclear error; the rest is checked inside the op,
+    after autocast has cast the inputs."""
     check_tensors(_OP, A=A, B=B, prev_delta=prev_delta)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"{_OP}: alpha must be a number; got {type(alpha).__name__} {alpha!r}")
+
+
+def check_stability_loss_inputs(A: Tensor, B: Tensor, prev_delta: Tensor, alpha: float) -> None:
+    """ValueError for shapes, devices and alpha, TypeError for dtypes, naming the argument."""
+    _check_argument_types(A, B, prev_delta, alpha)
     check_float_dtypes(_OP, A=A, B=B, prev_delta=prev_delta)
     check_same_device(_OP, A=A, B=B, prev_delta=prev_delta)
     check_ndim(_OP, "A", A, 2, "(r, d_in)")
@@ -226,7 +232,7 @@ def stability_loss(A: Tensor, B: Tensor, prev_delta: Tensor, alpha: float) -> Te
     Returns:
         0-dim float32 (float64 for float64 inputs), differentiable in A and B.
     """
-    check_stability_loss_inputs(A, B, prev_delta, alpha)
+    _check_argument_types(A, B, prev_delta, alpha)
     if torch.is_grad_enabled() and (A.requires_grad or B.requires_grad):
         return torch.ops.share_kernels.stability_loss_and_grad(A, B, prev_delta, alpha)[0]
     return torch.ops.share_kernels.stability_loss(A, B, prev_delta, alpha)
