@@ -53,16 +53,18 @@ def check_lowrank_linear_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor
 
 
 def _fused(x: Tensor, weight: Tensor, U: Tensor) -> bool:
-    from ..kernels.lowrank_linear import MAX_FUSED_RANK
+    from ..kernels.lowrank_linear import MAX_FUSED_RANK, runs_on_cuda
 
-    return use_triton(x, weight, U) and U.shape[1] <= MAX_FUSED_RANK
+    # fp32 on CUDA runs cuBLAS (its configurations do not fit sm_90, see kernels/lowrank_linear.py).
+    cuda_ok = x.device.type != "cuda" or runs_on_cuda(x.dtype)
+    return use_triton(x, weight, U) and U.shape[1] <= MAX_FUSED_RANK and cuda_ok
 
 
 @torch.library.custom_op("share_kernels::lowrank_linear", mutates_args=())
 def _lowrank_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], U: Tensor, C: Tensor) -> Tensor:
     check_lowrank_linear_inputs(x, weight, bias, U, C)
     if not _fused(x, weight, U):
-        # k > MAX_FUSED_RANK on CUDA lands here too: cuBLAS, unfused, same math.
+        # k > MAX_FUSED_RANK and fp32 on CUDA land here too: cuBLAS, unfused, same math.
         return lowrank_linear_reference(x, weight, bias, U, C)
     from ..kernels.lowrank_linear import lowrank_linear_forward
 

@@ -9,7 +9,7 @@ V (d_out, k), task_ids integer of shape ``x.shape[:-1]`` (one id per row) or ``x
 
 How it runs:
 
-* CPU (and float64, and k > 128): :func:`multi_task_linear_reference`.
+* CPU (and float64, k > 128, and fp32 on CUDA): :func:`multi_task_linear_reference`.
 * CUDA (fp32 / fp16 / bf16): ``y = F.linear(x, weight, bias)`` by cuBLAS, then ONE Triton
   kernel (:mod:`share_kernels.kernels.multi_task_linear`) adds the whole low-rank path of the
   adapted rows in place (``x·U`` in fp32, the row's core gathered in-kernel, ``·Vᵀ``) and never
@@ -163,9 +163,12 @@ def _check_strategy(strategy) -> None:
 
 
 def _fused(x: Tensor, U: Tensor) -> bool:
+    from ..kernels.lowrank_linear import runs_on_cuda
     from ..kernels.multi_task_linear import MAX_FUSED_RANK
 
-    return use_triton(x) and U.shape[1] <= MAX_FUSED_RANK
+    # fp32 on CUDA runs the reference (cuBLAS; its configurations do not fit sm_90).
+    cuda_ok = x.device.type != "cuda" or runs_on_cuda(x.dtype)
+    return use_triton(x) and U.shape[1] <= MAX_FUSED_RANK and cuda_ok
 
 
 def _capturing(x: Tensor) -> bool:
