@@ -5,6 +5,7 @@ bundled ptxas); compiles in parallel worker processes (see share_kernels/kernels
 
     python benchmarks/compile_report.py              # the fit table; exit 1 on any spill / smem
     python benchmarks/compile_report.py --jobs 2 --grep lowrank_linear
+    python benchmarks/compile_report.py --plan gpu-check   # the set `share-kernels gpu-check` compiles
 
 A configuration fits when it compiles with no spill stack and no local memory and uses at most
 227 KB of shared memory per block (sm_90's limit). tests/test_sm90_fit.py runs this in CI.
@@ -28,8 +29,17 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count())
     ap.add_argument("--grep", default="", help="only configurations whose name contains this")
     ap.add_argument("--max-smem", type=int, default=aot.SM90_MAX_SMEM)
+    ap.add_argument("--plan", choices=["fit", "gpu-check"], default="fit",
+                    help="fit: every selectable configuration (default); gpu-check: what `share-kernels gpu-check` "
+                         "compiles on a GPU (its count and compile time on this CPU)")
     args = ap.parse_args(argv)
-    tasks = [t for t in aot.fit_tasks() if args.grep in t.name()]
+    if args.plan == "gpu-check":
+        from share_kernels.gpu_check import compile_plan
+
+        tasks = compile_plan(cuda=True)
+    else:
+        tasks = aot.fit_tasks()
+    tasks = [t for t in tasks if args.grep in t.name()]
     t0 = time.perf_counter()
     # A fresh cache: every configuration is compiled here, none read from an earlier run.
     with tempfile.TemporaryDirectory() as cache:

@@ -46,6 +46,12 @@ def _continual(args) -> int:
     return run_harness(args)
 
 
+def _gpu_check(args) -> int:
+    from .gpu_check import run
+
+    return run(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="share-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +80,11 @@ def main(argv=None) -> int:
 
     _continual_arguments(h)
     h.set_defaults(func=_continual)
+    gc = sub.add_parser("gpu-check", help="first run on a GPU: compile, test every kernel, time the goal shapes, report (8 min)")
+    from .gpu_check import add_arguments as _gpu_check_arguments
+
+    _gpu_check_arguments(gc)
+    gc.set_defaults(func=_gpu_check)
     args = parser.parse_args(argv)
     return args.func(args)
 

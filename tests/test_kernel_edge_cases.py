@@ -118,10 +118,10 @@ _BIG = textwrap.dedent(
     from share_kernels.ops.stability_loss import stability_loss_reference
 
     torch.manual_seed(0)
-    S = 2**30  # row stride: row 2 starts at element 2^31, past int32
+    S, ROWS = 2**22, 600  # rows 2^22 elements apart: the last ones start past element 2^31
 
     def strided(rows, cols, dtype):
-        # 4 GiB of address space, only the touched rows become resident (a few pages).
+        # ~5 GB of address space; only the touched rows become resident (a page each).
         base = torch.empty((rows - 1) * S + cols, dtype=dtype)
         t = base.as_strided((rows, cols), (S, 1))
         t.copy_(torch.randn(rows, cols, dtype=dtype))
@@ -130,18 +130,18 @@ _BIG = textwrap.dedent(
     def rel(a, b):
         return float((a.double() - b).norm() / b.norm())
 
-    # lowrank_linear: weight (3, 32) whose rows are 2^30 elements apart (rn * stride_wn).
-    W = strided(3, 32, torch.float16)
+    # lowrank_linear: weight (600, 32) whose rows are 2^22 elements apart (rn * stride_wn).
+    W = strided(ROWS, 32, torch.float16)
     x = torch.randn(5, 32, dtype=torch.float16)
     U = torch.randn(32, 4, dtype=torch.float16) / 4
-    C = torch.randn(4, 3, dtype=torch.float16) / 4
+    C = torch.randn(4, ROWS, dtype=torch.float16) / 4
     y = share_kernels.lowrank_linear(x, W, None, U, C)
     print("lowrank_linear", rel(y, lowrank_linear_reference(x.double(), W.double(), None, U.double(), C.double())))
 
-    # stability_loss: prev_delta (3, 40) whose rows are 2^30 elements apart (offs_m * stride_pm).
-    P = strided(3, 40, torch.bfloat16)
+    # stability_loss: prev_delta (600, 40) whose rows are 2^22 elements apart (offs_m * stride_pm).
+    P = strided(ROWS, 40, torch.bfloat16)
     A = torch.randn(2, 40, dtype=torch.bfloat16)
-    B = torch.randn(3, 2, dtype=torch.bfloat16)
+    B = torch.randn(ROWS, 2, dtype=torch.bfloat16)
     loss = share_kernels.stability_loss(A, B, P, 2.0)
     print("stability_loss", rel(loss, stability_loss_reference(A.double(), B.double(), P.double(), 2.0)[0]))
     """
@@ -152,7 +152,7 @@ _BIG = textwrap.dedent(
 @pytest.mark.interpreter
 def test_offsets_past_2_pow_31_elements():
     """Real tensors with rows beyond element 2^31 (a strided view of a lazily-allocated buffer,
-    so only a few pages are touched). With int32 offsets the wrapped address reads outside the
+    so only a few MB are touched). With int32 offsets the wrapped address reads outside the
     buffer (a crash, hence the subprocess) or the wrong row."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", _BIG, ROOT], capture_output=True, text=True, env=env, timeout=600)

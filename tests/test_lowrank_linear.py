@@ -304,19 +304,27 @@ def test_autotune_pruning_by_shape(M, pool, block_r, dtype):
     assert k._prune(k._INTERPRETER, args) == k._INTERPRETER
 
 
-def test_fp32_routes_to_cublas_on_cuda_only(monkeypatch):
-    """fp32 on a CUDA device takes the cuBLAS path (its kernel configurations do not fit sm_90);
-    16-bit CUDA tensors and CPU tensors under the interpreter run the kernel."""
+def test_cuda_routing_fp32_and_unaligned_to_cublas(monkeypatch):
+    """On a CUDA device fp32, sizes that are not multiples of 16 and x without unit stride take
+    the cuBLAS path (their kernel configurations do not fit sm_90); aligned fp16 / bf16 run the
+    kernel; CPU tensors under the interpreter run it whatever their shapes."""
     import importlib
     from types import SimpleNamespace
 
     op = importlib.import_module("share_kernels.ops.lowrank_linear")
     mop = importlib.import_module("share_kernels.ops.multi_task_linear")
-
     monkeypatch.setattr(op, "use_triton", lambda *ts: True)
     monkeypatch.setattr(mop, "use_triton", lambda *ts: True)
-    U = torch.empty(8, 4)
-    for dev, dtype, fused in [("cuda", torch.float32, False), ("cuda", torch.bfloat16, True),
-                              ("cuda", torch.float16, True), ("cpu", torch.float32, True)]:
-        x = SimpleNamespace(device=torch.device(dev), dtype=dtype)
-        assert op._fused(x, None, U) is fused and mop._fused(x, U) is fused, (dev, dtype)
+
+    def x(dev, dtype, stride=1):
+        return SimpleNamespace(device=torch.device(dev), dtype=dtype, stride=lambda dim: stride)
+
+    U, W, V = torch.empty(64, 5), torch.empty(32, 64), torch.empty(32, 5)
+    for xx, fused in [(x("cuda", torch.float32), False), (x("cuda", torch.bfloat16), True),
+                      (x("cuda", torch.float16), True), (x("cpu", torch.float32), True),
+                      (x("cuda", torch.bfloat16, stride=2), False)]:
+        assert op._fused(xx, W, U) is fused and mop._fused(xx, U, V) is fused, (xx.device, xx.dtype)
+    cuda16 = x("cuda", torch.bfloat16)
+    assert not op._fused(cuda16, torch.empty(33, 64), U) and not mop._fused(cuda16, U, torch.empty(33, 5))
+    assert not op._fused(cuda16, torch.empty(32, 60), torch.empty(60, 5))
+    assert op._fused(x("cpu", torch.bfloat16), torch.empty(33, 60), torch.empty(60, 5))

@@ -183,9 +183,16 @@ def compile_tasks(tasks, arch: int = 90, jobs: int | None = None, cache_dir: str
 
     jobs = jobs or os.cpu_count() or 1
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(arch, cache_dir)) as pool:
-        return list(pool.map(_compile, tasks))
+    # The workers re-import the parent's main module before the initializer runs: they must
+    # not see TRITON_INTERPRET, or triton.jit would hand them interpreted functions.
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(arch, cache_dir)) as pool:
+            return list(pool.map(_compile, tasks))
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 def fits(res: dict, max_smem: int = SM90_MAX_SMEM) -> bool:
@@ -263,17 +270,22 @@ def fit_tasks() -> list[Task]:
                 for direction in ("fwd", "dx_t", "dx"):
                     args, meta = lowrank_launch(dt, M, d, d, k, direction)
                     tasks += plan("lowrank_linear", args, meta, f"{name} {direction} k{k} M{M}")
-                    if dt == torch.bfloat16 and k == 128:  # ragged K: the masked loads
-                        args, meta = lowrank_launch(dt, M, d + 1, d + 1, k, direction)
-                        tasks += plan("lowrank_linear", args, meta, f"{name} {direction} k{k} M{M} d{d + 1}")
             for M in (16, 4096):
                 for grouped in (False, True):
                     args, meta = multi_task_launch(dt, M, d, d, k, 8, grouped)
                     tasks += plan("multi_task_linear", args, meta,
                                   f"{name} {'grouped' if grouped else 'gather'} k{k} M{M}")
+    # ranks that are not a multiple of 16 (U and C with unaligned strides): LoRA's 8, and 5
+    for k in (5, 8):
+        for M in (16, 256, 4096):
+            for direction in ("fwd", "dx_t"):
+                args, meta = lowrank_launch(torch.bfloat16, M, d, d, k, direction)
+                tasks += plan("lowrank_linear", args, meta, f"bfloat16 {direction} k{k} M{M}")
+            args, meta = multi_task_launch(torch.bfloat16, M, d, d, k, 8, False)
+            tasks += plan("multi_task_linear", args, meta, f"bfloat16 gather k{k} M{M}")
     for dt in (torch.bfloat16, torch.float16, torch.float32):
         name = str(dt).replace("torch.", "")
-        for r, n in ((16, 4096), (16, 1024), (32, 4096), (32, 1024), (64, 4096)):
+        for r, n in ((16, 4096), (16, 1024), (32, 4096), (32, 1024), (64, 4096), (16, 4097)):
             for with_grad in (False, True):
                 args, meta = stability_launch(dt, r, n, n, with_grad)
                 tasks += plan("stability_loss", args, meta,

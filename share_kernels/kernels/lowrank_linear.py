@@ -71,6 +71,15 @@ def runs_on_cuda(dtype: torch.dtype) -> bool:
     return dtype in CUDA_DTYPES
 
 
+def fits_cuda(x: torch.Tensor, d_in: int, d_out: int) -> bool:
+    """Whether the fused kernels take this problem on a GPU: fp16 / bf16, d_in and d_out
+    multiples of 16 and x with unit stride along d_in, the layouts tests/test_sm90_fit.py
+    compiles. With unaligned sizes (d = 4097) loads are scalar and masked, and every
+    configuration spills on sm_90 (56 B to 5 KB per thread, from k = 16 on); those problems,
+    and fp32, run cuBLAS instead (ops/lowrank_linear.py, ops/multi_task_linear.py)."""
+    return runs_on_cuda(x.dtype) and d_in % 16 == 0 and d_out % 16 == 0 and x.stride(-1) == 1
+
+
 def _prune(configs, named_args, **kwargs):
     """The configurations for this launch: by M (decode, mid, prefill) and k, 16-bit only.
 
@@ -140,16 +149,25 @@ def _lowrank_linear_fwd_kernel(
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
 
-    # int64 row offsets: offs_m * stride reaches 2^31 on large batches.
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Offsets past 2^31 elements (rows of a large batch, columns of a large weight) live in the
+    # tile's base pointers, computed once in int64; the per-element offsets inside the tile stay
+    # int32 (int64 ones per element cost registers and spilled on unaligned shapes).
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
+    x_ptr += row0.to(tl.int64) * stride_xm
+    w_ptr += col0.to(tl.int64) * stride_wn
+    c_ptr += col0.to(tl.int64) * stride_cn
+    b_ptr += col0.to(tl.int64) * stride_b
+    y_ptr += row0.to(tl.int64) * stride_ym + col0.to(tl.int64) * stride_yn
+    t_ptr += row0.to(tl.int64) * stride_tm
+    offs_m = tl.arange(0, BLOCK_M)  # local to the tile
+    offs_n = tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
-    # Out-of-range rows/columns are wrapped instead of masked in the K loop (the wrapped
-    # values are never stored), so only the K tail needs a mask.
-    rm = offs_m % M
-    # int64 column offsets too: rn * stride_wn reaches 2^31 on weights of 2^31 elements.
-    rn = (offs_n % N).to(tl.int64)
+    # Rows/columns past the end wrap to the tile's first ones instead of being masked in the K
+    # loop (the wrapped values are never stored), so only the K tail needs a mask.
+    rm = offs_m % (M - row0)
+    rn = offs_n % (N - col0)
     r_ok = offs_r < R
 
     x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :] * stride_xk
@@ -175,7 +193,7 @@ def _lowrank_linear_fwd_kernel(
         w_ptrs += BLOCK_K * stride_wk
         u_ptrs += BLOCK_K * stride_uk
 
-    m_ok = offs_m < M
+    m_ok = offs_m < M - row0
     if STORE_T:
         # Before the epilogue, which rescales t in place for fp16.
         if pid_n == 0:
@@ -209,7 +227,7 @@ def _lowrank_linear_fwd_kernel(
         acc += bias[None, :]
 
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_n < N)[None, :])
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_n < N - col0)[None, :])
 
 
 def _m_bucket(m: int) -> int:

@@ -53,10 +53,10 @@ def check_lowrank_linear_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor
 
 
 def _fused(x: Tensor, weight: Tensor, U: Tensor) -> bool:
-    from ..kernels.lowrank_linear import MAX_FUSED_RANK, runs_on_cuda
+    from ..kernels.lowrank_linear import MAX_FUSED_RANK, fits_cuda
 
-    # fp32 on CUDA runs cuBLAS (its configurations do not fit sm_90, see kernels/lowrank_linear.py).
-    cuda_ok = x.device.type != "cuda" or runs_on_cuda(x.dtype)
+    # On CUDA only what fits sm_90 (16-bit, aligned sizes); fp32 and the rest run cuBLAS.
+    cuda_ok = x.device.type != "cuda" or fits_cuda(x, weight.shape[1], weight.shape[0])
     return use_triton(x, weight, U) and U.shape[1] <= MAX_FUSED_RANK and cuda_ok
 
 
@@ -64,7 +64,7 @@ def _fused(x: Tensor, weight: Tensor, U: Tensor) -> bool:
 def _lowrank_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], U: Tensor, C: Tensor) -> Tensor:
     check_lowrank_linear_inputs(x, weight, bias, U, C)
     if not _fused(x, weight, U):
-        # k > MAX_FUSED_RANK and fp32 on CUDA land here too: cuBLAS, unfused, same math.
+        # k > MAX_FUSED_RANK, fp32 and unaligned sizes on CUDA land here too: cuBLAS, same math.
         return lowrank_linear_reference(x, weight, bias, U, C)
     from ..kernels.lowrank_linear import lowrank_linear_forward
 

@@ -9,7 +9,7 @@ V (d_out, k), task_ids integer of shape ``x.shape[:-1]`` (one id per row) or ``x
 
 How it runs:
 
-* CPU (and float64, k > 128, and fp32 on CUDA): :func:`multi_task_linear_reference`.
+* CPU (and float64, k > 128, and on CUDA fp32 or d not a multiple of 16): :func:`multi_task_linear_reference`.
 * CUDA (fp32 / fp16 / bf16): ``y = F.linear(x, weight, bias)`` by cuBLAS, then ONE Triton
   kernel (:mod:`share_kernels.kernels.multi_task_linear`) adds the whole low-rank path of the
   adapted rows in place (``x·U`` in fp32, the row's core gathered in-kernel, ``·Vᵀ``) and never
@@ -162,12 +162,12 @@ def _check_strategy(strategy) -> None:
         raise ValueError(f"{_OP}: strategy must be one of {STRATEGIES}; got {strategy!r}")
 
 
-def _fused(x: Tensor, U: Tensor) -> bool:
-    from ..kernels.lowrank_linear import runs_on_cuda
+def _fused(x: Tensor, U: Tensor, V: Tensor) -> bool:
+    from ..kernels.lowrank_linear import fits_cuda
     from ..kernels.multi_task_linear import MAX_FUSED_RANK
 
-    # fp32 on CUDA runs the reference (cuBLAS; its configurations do not fit sm_90).
-    cuda_ok = x.device.type != "cuda" or runs_on_cuda(x.dtype)
+    # On CUDA only what fits sm_90 (16-bit, aligned sizes); fp32 and the rest run the reference.
+    cuda_ok = x.device.type != "cuda" or fits_cuda(x, U.shape[0], V.shape[0])
     return use_triton(x) and U.shape[1] <= MAX_FUSED_RANK and cuda_ok
 
 
@@ -188,7 +188,7 @@ def _multi_task_linear_op(
     check_ids: bool = True,
 ) -> Tensor:
     _check_strategy(strategy)
-    if not _fused(x, U):
+    if not _fused(x, U, V):
         return multi_task_linear_reference(x, weight, bias, U, cores, V, task_ids)
     check_multi_task_linear_inputs(
         x, weight, bias, U, cores, V, task_ids, check_values=check_ids and not _capturing(x)
