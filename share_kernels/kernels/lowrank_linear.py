@@ -288,6 +288,9 @@ def lowrank_linear_forward(
     R = U.shape[1]
     if R > MAX_FUSED_RANK:
         raise ValueError(f"lowrank_linear_forward: k={R} exceeds MAX_FUSED_RANK={MAX_FUSED_RANK}")
+    if x.is_cuda and x.stride(1) != 1:
+        # e.g. an expanded grad_out (stride 0): the layouts tests/test_sm90_fit.py compiles.
+        x = x.contiguous()
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     t = torch.empty((M, R), device=x.device, dtype=torch.float32) if store_t else None
     if M == 0 or N == 0:
