@@ -108,6 +108,15 @@ def test_triton_interpreter_low_precision(triton_cpu, shape, d_out, k, bias, non
 
 @requires_interpreter
 @pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_interpreter_low_precision_large_rank(triton_cpu, dtype):
+    """k = 70 (BLOCK_R = 128), forward and every gradient, by the low-precision rule."""
+    inputs = make((9, 40), 24, 70, dtype, requires_grad=True)
+    check_values_and_grads(inputs, low_precision_rule=True)
+
+
+@requires_interpreter
+@pytest.mark.interpreter
 def test_kernel_launcher_stores_t_in_fp32():
     """The launcher's side output t = x @ U is fp32 and exact to fp32 rounding for fp16 inputs."""
     from share_kernels.kernels.lowrank_linear import lowrank_linear_forward

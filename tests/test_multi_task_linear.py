@@ -132,10 +132,11 @@ def test_triton_interpreter_low_precision(triton_cpu, shape, d_out, k, T, bias, 
 @requires_interpreter
 @pytest.mark.interpreter
 @pytest.mark.parametrize("strategy", ["gather", "grouped"])
-def test_triton_interpreter_large_rank_without_prefetch(triton_cpu, strategy):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_interpreter_large_rank_without_prefetch(triton_cpu, strategy, dtype):
     """k > 64: the kernel loads each core when it needs it instead of double-buffering."""
-    inputs = make((2, 9, 20), 15, 70, 3, torch.float32, bias=True)
-    check(inputs, make_ids(inputs[0], 3, per_sequence=False), False, strategy=strategy)
+    inputs = make((2, 9, 20), 15, 70, 3, dtype, bias=True)
+    check(inputs, make_ids(inputs[0], 3, per_sequence=False), dtype != torch.float32, strategy=strategy)
 
 
 @requires_interpreter
