@@ -1,90 +1,56 @@
-"""Compile the Triton kernels ahead of time for a CUDA target (default sm_90) and print the
-compiler's resource report per autotune configuration: registers, spill stack, shared memory,
-and whether the dots became Hopper ``wgmma``. Needs no GPU (Triton's bundled ptxas), so it
-catches compile errors and register spills on a CPU-only machine.
+"""Compile every Triton kernel configuration the launchers can select, ahead of time for a CUDA
+target (default sm_90), and print the compiler's resource report per configuration: registers,
+spill stack, shared memory, and whether the dots became Hopper ``wgmma``. Needs no GPU (Triton's
+bundled ptxas); compiles in parallel worker processes (see share_kernels/kernels/aot.py).
 
-    python benchmarks/compile_report.py                 # every config, bf16 / fp16 / fp32
-    python benchmarks/compile_report.py --dtypes bf16 --quick
+    python benchmarks/compile_report.py              # the fit table; exit 1 on any spill / smem
+    python benchmarks/compile_report.py --jobs 2 --grep lowrank_linear
+    python benchmarks/compile_report.py --plan gpu-check   # the set `share-kernels gpu-check` compiles
+
+A configuration fits when it compiles with no spill stack and no local memory and uses at most
+227 KB of shared memory per block (sm_90's limit). tests/test_sm90_fit.py runs this in CI.
 """
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
+import time
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    sys.exit("compile_report needs the real Triton compiler: unset TRITON_INTERPRET")
-
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from share_kernels.kernels import lowrank_linear as llk  # noqa: E402
-
-UNIT_STRIDES = ("stride_xk", "stride_wk", "stride_ur", "stride_cn", "stride_yn", "stride_tr", "stride_b")
-PTR_DTYPE = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
-
-
-def lowrank_linear_variants(dtype: str, block_r: int, quick: bool):
-    """(name, jit fn, signature, constexprs, options) for each config of the fused kernel."""
-    jf = llk._lowrank_linear_fwd_kernel.fn.fn
-    configs = llk._DECODE + llk._MID + llk._PREFILL
-    if quick:
-        configs = [llk._DECODE[0], llk._PREFILL[0]]
-    for cfg in configs:
-        const = dict(
-            HAS_BIAS=True, STORE_T=False, W_K_CONTIG=True, BLOCK_R=block_r,
-            DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", SPLIT_T=dtype != "fp32", EVEN_K=True, **cfg.kwargs,
-        )
-        # As at run time on row-major operands: unit strides specialised to 1, pointers and the
-        # other integers 16-divisible (d = 4096), which is what enables cp.async pipelining.
-        const.update({n: 1 for n in UNIT_STRIDES})
-        sig, attrs = {}, {}
-        for i, n in enumerate(jf.arg_names):
-            if n in const:
-                sig[n] = "constexpr"
-                continue
-            sig[n] = ("*fp32" if n == "t_ptr" else PTR_DTYPE[dtype]) if n.endswith("_ptr") else "i32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        name = "lowrank_linear BM={BLOCK_M} BN={BLOCK_N} BK={BLOCK_K}".format(**cfg.kwargs)
-        name += f" w{cfg.num_warps} s{cfg.num_stages} k<={block_r} {dtype}"
-        yield name, jf, sig, const, attrs, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-
-
-def resource_usage(cubin: bytes) -> str:
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    line = [ln for ln in out.splitlines() if "REG:" in ln][-1]
-    fields = dict(kv.split(":", 1) for kv in line.split() if ":" in kv)
-    return f"regs {fields['REG']:>3}  spill-stack {fields['STACK']:>5}"
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, not the interpreter
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def main(argv=None) -> int:
+    from share_kernels.kernels import aot
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90)
-    ap.add_argument("--dtypes", nargs="*", default=["bf16", "fp16", "fp32"])
-    ap.add_argument("--ranks", nargs="*", type=int, default=[16, 64])
-    ap.add_argument("--quick", action="store_true", help="one decode and one prefill config")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count())
+    ap.add_argument("--grep", default="", help="only configurations whose name contains this")
+    ap.add_argument("--max-smem", type=int, default=aot.SM90_MAX_SMEM)
+    ap.add_argument("--plan", choices=["fit", "gpu-check"], default="fit",
+                    help="fit: every selectable configuration (default); gpu-check: what `share-kernels gpu-check` "
+                         "compiles on a GPU (its count and compile time on this CPU)")
     args = ap.parse_args(argv)
-    target = GPUTarget("cuda", args.arch, 64 if args.arch < 100 else 32)
-    failures = 0
-    for dtype in args.dtypes:
-        for block_r in args.ranks:
-            for name, jf, sig, const, attrs, opts in lowrank_linear_variants(dtype, block_r, args.quick):
-                constexprs = {(jf.arg_names.index(k),): v for k, v in const.items()}
-                src = ASTSource(fn=jf, signature=sig, constexprs=constexprs, attrs=attrs)
-                try:
-                    ck = triton.compile(src, target=target, options=opts)
-                except Exception as e:  # report every config, then fail
-                    failures += 1
-                    print(f"{name}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                    continue
-                wgmma = ck.asm["ptx"].count("wgmma.mma_async")
-                print(f"{name:60s} {resource_usage(ck.asm['cubin'])}  smem {ck.metadata.shared:>6}  wgmma {wgmma}")
-    return 1 if failures else 0
+    if args.plan == "gpu-check":
+        from share_kernels.gpu_check import compile_plan
+
+        tasks = compile_plan(cuda=True)
+    else:
+        tasks = aot.fit_tasks()
+    tasks = [t for t in tasks if args.grep in t.name()]
+    t0 = time.perf_counter()
+    # A fresh cache: every configuration is compiled here, none read from an earlier run.
+    with tempfile.TemporaryDirectory() as cache:
+        results = aot.compile_tasks(tasks, arch=args.arch, jobs=args.jobs, cache_dir=cache)
+    wall = time.perf_counter() - t0
+    print(aot.format_table(results))
+    bad = [r for r in results if not aot.fits(r, args.max_smem)]
+    serial = sum(r["seconds"] for r in results)
+    print(f"{len(results)} configurations, {len(bad)} not fitting sm_{args.arch}; "
+          f"compile {wall:.0f} s wall with {args.jobs} jobs ({serial:.0f} s summed)")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

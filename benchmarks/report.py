@@ -5,6 +5,10 @@ and a markdown summary under ``benchmarks/results/<date>-<device>/``.
     python benchmarks/report.py lowrank_linear  # one suite
 
 Only numbers this run printed go into the folder; commit it with the device and date it names.
+
+All six suites at the full preset take longer than a short GPU session: run
+``share-kernels gpu-check --out DIR`` first (8-minute budget: compiles, checks every kernel,
+times the goal shapes), and this script when there is time for the whole sweep.
 """
 import argparse
 import os

@@ -6,7 +6,6 @@ Nothing heavy is imported until a command runs (``--help`` of every command stay
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 
 PROG = "share-kernels"
@@ -204,15 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     continual_arguments(h)
     h.set_defaults(func=_continual)
 
-    # `gpu-check` lives in share_kernels/gpu_check.py (add_arguments(parser), run(args)) when present.
-    if importlib.util.find_spec(f"{__package__}.gpu_check") is not None:
-        gpu_check = importlib.import_module(f"{__package__}.gpu_check")
-        g = sub.add_parser(
-            "gpu-check", help="check and time every kernel on this GPU; goals met or missed",
-            description=(gpu_check.__doc__ or "").strip().split("\n\n")[0] or None,
-        )
-        gpu_check.add_arguments(g)
-        g.set_defaults(func=gpu_check.run)
+    from . import gpu_check  # standard library only at import
+
+    g = sub.add_parser(
+        "gpu-check", help="first run on a GPU: compile, test every kernel, time the goal shapes, report (8 min)",
+        description=(gpu_check.__doc__ or "").strip().split("\n\n")[0] or None,
+    )
+    gpu_check.add_arguments(g)
+    g.set_defaults(func=gpu_check.run)
     return parser
 
 

@@ -12,10 +12,30 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
+
+if not HAS_CUDA:
+    # bf16 as the GPU computes it (dots widened to fp32, round-to-nearest-even casts).
+    from share_kernels.kernels.interpreter import patch_bf16  # noqa: E402
+
+    patch_bf16()
+
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 requires_interpreter = pytest.mark.skipif(
     HAS_CUDA, reason="TRITON_INTERPRET is process-wide; with CUDA present the kernels are tested on the GPU instead"
 )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test skipped for want of CUDA carries the ``cuda`` marker, so ``pytest -m cuda`` (the
+    GPU check's selection) cannot silently miss one."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if any(m.name == "skipif" and m.kwargs.get("reason") == requires_cuda.kwargs["reason"] for m in item.iter_markers())
+        and item.get_closest_marker("cuda") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError("CUDA tests without the `cuda` marker: " + ", ".join(unmarked))
 
 
 @pytest.fixture

@@ -111,21 +111,12 @@ def test_bench_output_counter_legend_width_verdicts(tmp_path, monkeypatch, capsy
     assert "[      MISSED] lowrank_linear: forward at M <= 16 >= 1.3x faster than the reference" in out
 
 
-def test_gpu_check_subcommand_slot(monkeypatch, capsys):
-    """``share_kernels/gpu_check.py`` (add_arguments(parser), run(args)) becomes ``gpu-check``."""
-    import importlib.machinery
-    import types
-
-    from share_kernels import cli
-
-    calls = []
-    fake = types.ModuleType("share_kernels.gpu_check")
-    fake.__doc__ = "Check every kernel on this GPU.\n\nDetails."
-    fake.__spec__ = importlib.machinery.ModuleSpec("share_kernels.gpu_check", None)
-    fake.add_arguments = lambda p: p.add_argument("--out", help="where the report goes")
-    fake.run = lambda args: calls.append(args.out) or 0
-    monkeypatch.setitem(sys.modules, "share_kernels.gpu_check", fake)
-    assert cli.main(["gpu-check", "--out", "x"]) == 0 and calls == ["x"]
-    with pytest.raises(SystemExit):
-        cli.main(["gpu-check", "--help"])
-    assert "Check every kernel on this GPU." in capsys.readouterr().out
+def test_gpu_check_is_a_subcommand_and_refuses_a_missing_out():
+    """``share-kernels gpu-check`` is listed, its help names the report directory, and a call
+    without ``--out`` is a one-line usage error with exit status 2."""
+    proc, _ = cli("--help")
+    assert proc.returncode == 0 and "gpu-check" in proc.stdout
+    proc, _ = cli("gpu-check", "--help")
+    assert proc.returncode == 0 and "--out" in proc.stdout and "8-minute" in proc.stdout
+    proc, _ = cli("gpu-check")
+    assert proc.returncode == 2 and "--out" in proc.stderr

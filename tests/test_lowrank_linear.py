@@ -98,9 +98,20 @@ def test_triton_interpreter_fp32(triton_cpu, shape, d_out, k, bias, noncontig):
 
 @requires_interpreter
 @pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,d_out,k,bias,noncontig", CASES[:3] + CASES[4:5])
-def test_triton_interpreter_fp16(triton_cpu, shape, d_out, k, bias, noncontig):
-    inputs = make(shape, d_out, k, torch.float16, bias=bias, noncontig=noncontig, requires_grad=True)
+def test_triton_interpreter_low_precision(triton_cpu, shape, d_out, k, bias, noncontig, dtype):
+    """fp16 and bf16 (the interpreter's bf16 dot and rounding fixed in tests/conftest.py)."""
+    inputs = make(shape, d_out, k, dtype, bias=bias, noncontig=noncontig, requires_grad=True)
+    check_values_and_grads(inputs, low_precision_rule=True)
+
+
+@requires_interpreter
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_interpreter_low_precision_large_rank(triton_cpu, dtype):
+    """k = 70 (BLOCK_R = 128), forward and every gradient, by the low-precision rule."""
+    inputs = make((9, 40), 24, 70, dtype, requires_grad=True)
     check_values_and_grads(inputs, low_precision_rule=True)
 
 
@@ -284,38 +295,45 @@ def test_triton_path_really_runs_the_kernel(triton_cpu, monkeypatch):
     assert calls == [{}, {"store_t": True}]
 
 
-@pytest.mark.parametrize("M,pool", [(1, "_DECODE"), (64, "_DECODE"), (300, None), (8192, "_PREFILL")])
+@pytest.mark.parametrize("M,pool", [(1, "_DECODE"), (64, "_DECODE"), (300, "_MID"), (8192, "_PREFILL")])
 @pytest.mark.parametrize("block_r", [16, 64, 128])
-def test_autotune_pruning_by_shape(M, pool, block_r):
-    """The autotuner sees decode configs for M <= 64, prefill (+mid) for M >= 1024, never one whose
-    accumulators exceed the spill limit measured with benchmarks/compile_report.py."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autotune_pruning_by_shape(M, pool, block_r, dtype):
+    """Decode configs for M <= 64, mid in between (BM=64 BN=64 at k = 128), prefill for
+    M >= 1024: the sets tests/test_sm90_fit.py compiles without spills; fp32 is refused (the op
+    sends it to cuBLAS on CUDA); the interpreter's single config stays."""
     import share_kernels.kernels.lowrank_linear as k
 
-    everything = k._DECODE + k._MID + k._PREFILL
-    kept = k._prune(everything, {"M": M, "BLOCK_R": block_r})
-    assert kept and all(k._fp32_regs_per_thread(c, block_r) <= k._MAX_ACC_REGS for c in kept)
-    if pool == "_DECODE":
-        assert all(c in k._DECODE for c in kept)
-    elif pool == "_PREFILL":
-        assert any(c in k._PREFILL for c in kept) and not any(c in k._DECODE for c in kept)
-    assert k._prune(k._INTERPRETER, {"M": M, "BLOCK_R": block_r}) == k._INTERPRETER
+    args = {"M": M, "BLOCK_R": block_r, "x_ptr": torch.empty(0, dtype=dtype)}
+    kept = k._prune(k.CONFIGS, args)
+    want = k._MID_R128 if (pool == "_MID" and block_r > 64) else getattr(k, pool)
+    assert kept == want and 1 <= len(kept) <= 2
+    with pytest.raises(ValueError, match="float32"):
+        k._prune(k.CONFIGS, {**args, "x_ptr": torch.empty(0)})
+    assert k._prune(k._INTERPRETER, args) == k._INTERPRETER
 
 
-def test_kernel_compiles_for_sm90_without_spills():
-    """The real Triton compiler (not the interpreter) builds the kernel for sm_90 with no GPU:
-    catches what the interpreter cannot (lowering errors, register spills)."""
-    import os
-    import subprocess
-    import sys
+def test_cuda_routing_fp32_and_unaligned_to_cublas(monkeypatch):
+    """On a CUDA device fp32, sizes that are not multiples of 16 and x without unit stride take
+    the cuBLAS path (their kernel configurations do not fit sm_90); aligned fp16 / bf16 run the
+    kernel; CPU tensors under the interpreter run it whatever their shapes."""
+    import importlib
+    from types import SimpleNamespace
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "compile_report.py")
-    proc = subprocess.run(
-        [sys.executable, script, "--quick", "--dtypes", "bf16", "--ranks", "64"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("lowrank_linear")]
-    assert len(lines) == 2, proc.stdout
-    assert all("spill-stack     0" in ln for ln in lines), proc.stdout
-    assert "wgmma 0" not in lines[1], "the prefill config should use Hopper wgmma"
+    op = importlib.import_module("share_kernels.ops.lowrank_linear")
+    mop = importlib.import_module("share_kernels.ops.multi_task_linear")
+    monkeypatch.setattr(op, "use_triton", lambda *ts: True)
+    monkeypatch.setattr(mop, "use_triton", lambda *ts: True)
+
+    def x(dev, dtype, stride=1):
+        return SimpleNamespace(device=torch.device(dev), dtype=dtype, stride=lambda dim: stride)
+
+    U, W, V = torch.empty(64, 5), torch.empty(32, 64), torch.empty(32, 5)
+    for xx, fused in [(x("cuda", torch.float32), False), (x("cuda", torch.bfloat16), True),
+                      (x("cuda", torch.float16), True), (x("cpu", torch.float32), True),
+                      (x("cuda", torch.bfloat16, stride=2), False)]:
+        assert op._fused(xx, W, U) is fused and mop._fused(xx, U, V) is fused, (xx.device, xx.dtype)
+    cuda16 = x("cuda", torch.bfloat16)
+    assert not op._fused(cuda16, torch.empty(33, 64), U) and not mop._fused(cuda16, U, torch.empty(33, 5))
+    assert not op._fused(cuda16, torch.empty(32, 60), torch.empty(60, 5))
+    assert op._fused(x("cpu", torch.bfloat16), torch.empty(33, 60), torch.empty(60, 5))

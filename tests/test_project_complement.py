@@ -19,7 +19,7 @@ from tests.conftest import requires_cuda
 
 OP = "share_kernels::project_complement"
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
-DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+DEVICES = ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])]
 # (d, n, k): odd sizes, d = 4097, n = 1, k = 1 and k = d
 SHAPES = [(59, 101, 7), (4097, 33, 5), (59, 101, 1), (64, 130, 64), (17, 1, 3)]
 
@@ -220,6 +220,7 @@ def test_cpu_kernel_comes_from_the_extension():
 
 
 @requires_cuda
+@pytest.mark.cuda
 def test_cuda_kernel_comes_from_the_extension():
     assert _ext.load()
     for op in (OP, OP + "_grouped"):

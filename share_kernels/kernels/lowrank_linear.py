@@ -28,66 +28,84 @@ def _config(bm, bn, bk, warps, stages):
     )
 
 
+# Small, deliberate sets (every autotune candidate is one more compile on a cold cache), all
+# measured to compile for sm_90 with no register spill and shared memory under the 227 KB a
+# block may have, in both directions (forward, and the backward's dx call with W.T, STORE_T on
+# or off), bf16 and fp16, k <= 16 / 32 / 64 / 128: tests/test_sm90_fit.py compiles them all.
+#
 # Decode (M <= 64): memory bound on W; small BLOCK_M and long K tiles so each program
-# streams a contiguous stretch of W. Narrow N tiles (32) give d_out/32 programs, enough to
-# keep every SM of an H100 pulling from HBM at d_out = 4096.
+# streams a contiguous stretch of W. Narrow N tiles give d_out/32 or d_out/64 programs,
+# enough to keep every SM of an H100 pulling from HBM at d_out = 4096.
 _DECODE = [
     _config(16, 32, 128, 4, 4),
-    _config(16, 32, 256, 4, 3),
     _config(16, 64, 128, 4, 4),
-    _config(16, 64, 256, 4, 3),
-    _config(16, 128, 128, 4, 4),
-    _config(16, 128, 64, 4, 4),
-    _config(32, 64, 128, 4, 4),
-    _config(64, 64, 64, 4, 4),
 ]
-# Prefill (M >= 1024): compute bound; large tiles amortise the k-wide U dot over BLOCK_N.
-_PREFILL = [
-    _config(128, 128, 64, 8, 3),
-    _config(128, 256, 64, 8, 3),
-    _config(128, 128, 64, 4, 4),
-    _config(128, 128, 32, 4, 4),
-    _config(256, 128, 64, 8, 3),
-    _config(64, 256, 64, 8, 3),
-]
-# Between the two.
+# Between decode and prefill. BM=64 BN=128 w4 spills at k = 128 (24 B forward, 8 B dx); there
+# BM=64 BN=64 takes its place.
 _MID = [
     _config(64, 128, 64, 4, 4),
-    _config(128, 64, 64, 4, 4),
     _config(32, 128, 64, 4, 4),
+]
+_MID_R128 = [
+    _config(64, 64, 64, 4, 4),
+    _config(32, 128, 64, 4, 4),
+]
+# Prefill (M >= 1024): compute bound; large tiles amortise the k-wide U dot over BLOCK_N.
+# 8 warps: with 4, BM=BN=128 spills 88-920 B at k >= 64 (the dx call first).
+_PREFILL = [
+    _config(128, 128, 64, 8, 3),
+    _config(64, 256, 64, 8, 3),
 ]
 # Under the interpreter one configuration only: autotuning there would run every config.
 _INTERPRETER = [_config(32, 64, 32, 4, 1)]
 
+#: dtypes the kernel runs on CUDA. fp32 does not: with torch's default ``allow_tf32=False``
+#: its IEEE dots spill (0.5-31 KB per thread), exceed 227 KB of shared memory at large tiles and
+#: take 10-530 s to compile per configuration; with TF32 on, cuBLAS is as fast for the base GEMM.
+#: The op runs fp32 through cuBLAS (ops/lowrank_linear.py); the interpreter still runs it.
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
-def _fp32_regs_per_thread(cfg, block_r: int) -> int:
-    """fp32 accumulator registers per thread: the y tile plus the t = x @ U tile."""
-    return (cfg.kwargs["BLOCK_M"] * (cfg.kwargs["BLOCK_N"] + block_r)) // (32 * cfg.num_warps)
+
+def runs_on_cuda(dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels take this dtype on a GPU (else the ops use cuBLAS)."""
+    return dtype in CUDA_DTYPES
 
 
-# Above this many accumulator registers per thread ptxas spills (benchmarks/compile_report.py,
-# sm_90: BM=128 BN=128 with 4 warps at k=128 spills 768 bytes, with 8 warps it does not).
-_MAX_ACC_REGS = 160
+def fits_cuda(x: torch.Tensor, d_in: int, d_out: int) -> bool:
+    """Whether the fused kernels take this problem on a GPU: fp16 / bf16, d_in and d_out
+    multiples of 16 and x with unit stride along d_in, the layouts tests/test_sm90_fit.py
+    compiles. With unaligned sizes (d = 4097) loads are scalar and masked, and every
+    configuration spills on sm_90 (56 B to 5 KB per thread, from k = 16 on); those problems,
+    and fp32, run cuBLAS instead (ops/lowrank_linear.py, ops/multi_task_linear.py)."""
+    return runs_on_cuda(x.dtype) and d_in % 16 == 0 and d_out % 16 == 0 and x.stride(-1) == 1
 
 
 def _prune(configs, named_args, **kwargs):
-    """Decode, mid or prefill configs by M; drop those whose accumulators would spill at this k."""
+    """The configurations for this launch: by M (decode, mid, prefill) and k, 16-bit only.
+
+    The sets fit sm_90 in both directions (forward and dx), so the direction (``W_K_CONTIG``,
+    ``STORE_T``) selects nothing here; tests/test_sm90_fit.py compiles both to keep it so.
+    """
     if len(configs) == 1:
         return configs
+    x = named_args.get("x_ptr")
+    if x is not None and getattr(x, "dtype", None) not in CUDA_DTYPES:
+        raise ValueError(f"lowrank_linear kernel: {x.dtype} is not compiled for CUDA (the op routes it to cuBLAS)")
     m = named_args["M"]
     block_r = named_args.get("BLOCK_R", kwargs.get("BLOCK_R", 16))
     if m <= 64:
-        pool = _DECODE
-    elif m >= 1024:
-        pool = _PREFILL + _MID
-    else:
-        pool = _MID + _DECODE + _PREFILL
-    keep = [c for c in configs if c in pool and _fp32_regs_per_thread(c, block_r) <= _MAX_ACC_REGS]
-    return keep or configs
+        return _DECODE
+    if m >= 1024:
+        return _PREFILL
+    return _MID if block_r <= 64 else _MID_R128
+
+
+#: Every configuration the prune may keep (compiled by tests/test_sm90_fit.py).
+CONFIGS = _DECODE + _MID + [c for c in _MID_R128 if c not in _MID] + _PREFILL
 
 
 def _autotune_configs():
-    return _INTERPRETER if triton_interpreting() else _DECODE + _MID + _PREFILL
+    return _INTERPRETER if triton_interpreting() else CONFIGS
 
 
 @triton.autotune(
@@ -113,6 +131,7 @@ def _lowrank_linear_fwd_kernel(
     BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SPLIT_T: tl.constexpr,
+    SCALE_T: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -130,15 +149,25 @@ def _lowrank_linear_fwd_kernel(
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
 
-    # int64 row offsets: offs_m * stride reaches 2^31 on large batches.
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Offsets past 2^31 elements (rows of a large batch, columns of a large weight) live in the
+    # tile's base pointers, computed once in int64; the per-element offsets inside the tile stay
+    # int32 (int64 ones per element cost registers and spilled on unaligned shapes).
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
+    x_ptr += row0.to(tl.int64) * stride_xm
+    w_ptr += col0.to(tl.int64) * stride_wn
+    c_ptr += col0.to(tl.int64) * stride_cn
+    b_ptr += col0.to(tl.int64) * stride_b
+    y_ptr += row0.to(tl.int64) * stride_ym + col0.to(tl.int64) * stride_yn
+    t_ptr += row0.to(tl.int64) * stride_tm
+    offs_m = tl.arange(0, BLOCK_M)  # local to the tile
+    offs_n = tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
-    # Out-of-range rows/columns are wrapped instead of masked in the K loop (the wrapped
-    # values are never stored), so only the K tail needs a mask.
-    rm = offs_m % M
-    rn = offs_n % N
+    # Rows/columns past the end wrap to the tile's first ones instead of being masked in the K
+    # loop (the wrapped values are never stored), so only the K tail needs a mask.
+    rm = offs_m % (M - row0)
+    rn = offs_n % (N - col0)
     r_ok = offs_r < R
 
     x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :] * stride_xk
@@ -164,29 +193,41 @@ def _lowrank_linear_fwd_kernel(
         w_ptrs += BLOCK_K * stride_wk
         u_ptrs += BLOCK_K * stride_uk
 
+    m_ok = offs_m < M - row0
+    if STORE_T:
+        # Before the epilogue, which rescales t in place for fp16.
+        if pid_n == 0:
+            t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
+            tl.store(t_ptrs, t, mask=m_ok[:, None] & r_ok[None, :])
+
     # Epilogue: add t @ C with t kept at fp32 accuracy. For fp16/bf16, C is exact in its
     # dtype, so t is split into a hi and a lo part of that dtype: two 16-bit MMAs give ~16
     # mantissa bits of t (tf32 would keep 10) and need no fp32 operand tiles.
     c_ptrs = c_ptr + offs_r[:, None] * stride_cr + rn[None, :] * stride_cn
     c = tl.load(c_ptrs, mask=r_ok[:, None], other=0.0)
     if SPLIT_T:
+        if SCALE_T:
+            # fp16 tops out at 65504: a row of t beyond 2^14 is split after dividing it by a
+            # power of two (exact), and acc is divided by the same power around the two dots,
+            # so |x @ U| > 65504 gives no inf / NaN where the fp32 math is finite.
+            t_max = tl.max(tl.abs(t), axis=1)
+            t_scale = tl.where(t_max > 16384.0, tl.exp2(tl.ceil(tl.log2(tl.maximum(t_max, 16384.0)))), 1.0)
+            t = t / t_scale[:, None]
+            acc = acc / t_scale[:, None]
         t_hi = t.to(c.dtype)
         t_lo = (t - t_hi.to(tl.float32)).to(c.dtype)
         acc = tl.dot(t_hi, c, acc)
         acc = tl.dot(t_lo, c, acc)
+        if SCALE_T:
+            acc = acc * t_scale[:, None]
     else:
         acc = tl.dot(t, c, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         bias = tl.load(b_ptr + rn * stride_b).to(tl.float32)
         acc += bias[None, :]
 
-    m_ok = offs_m < M
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_n < N)[None, :])
-    if STORE_T:
-        if pid_n == 0:
-            t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
-            tl.store(t_ptrs, t, mask=m_ok[:, None] & r_ok[None, :])
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_n < N - col0)[None, :])
 
 
 def _m_bucket(m: int) -> int:
@@ -198,6 +239,35 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+def kernel_args(x, weight, bias, U, C, y, t):
+    """Positional and keyword arguments of one launch of the fused kernel (shared by the
+    launcher and by :mod:`share_kernels.kernels.aot`, which compiles the same specialisation)."""
+    M, K = x.shape
+    N, R = weight.shape[0], U.shape[1]
+    t_arg = t if t is not None else y  # never written when STORE_T is False
+    args = (
+        x, weight, bias if bias is not None else y, U, C, y, t_arg,
+        M, N, K, R, _m_bucket(M),
+        x.stride(0), x.stride(1),
+        weight.stride(0), weight.stride(1),
+        U.stride(0), U.stride(1),
+        C.stride(0), C.stride(1),
+        y.stride(0), y.stride(1),
+        t_arg.stride(0), t_arg.stride(1),
+        bias.stride(0) if bias is not None else 0,
+    )
+    meta = dict(
+        HAS_BIAS=bias is not None,
+        STORE_T=t is not None,
+        W_K_CONTIG=weight.stride(1) == 1,
+        BLOCK_R=max(16, triton.next_power_of_2(R)),
+        DOT_PRECISION=dot_precision(x.dtype),
+        SPLIT_T=x.dtype != torch.float32,
+        SCALE_T=x.dtype == torch.float16,
+    )
+    return args, meta
 
 
 def lowrank_linear_forward(
@@ -218,29 +288,16 @@ def lowrank_linear_forward(
     R = U.shape[1]
     if R > MAX_FUSED_RANK:
         raise ValueError(f"lowrank_linear_forward: k={R} exceeds MAX_FUSED_RANK={MAX_FUSED_RANK}")
+    if x.is_cuda and x.stride(1) != 1:
+        # e.g. an expanded grad_out (stride 0): the layouts tests/test_sm90_fit.py compiles.
+        x = x.contiguous()
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     t = torch.empty((M, R), device=x.device, dtype=torch.float32) if store_t else None
     if M == 0 or N == 0:
         if t is not None:
             t.zero_()
         return y, t
-    t_arg = t if t is not None else y  # never written when STORE_T is False
+    args, meta = kernel_args(x, weight, bias, U, C, y, t)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _lowrank_linear_fwd_kernel[grid](
-        x, weight, bias if bias is not None else y, U, C, y, t_arg,
-        M, N, K, R, _m_bucket(M),
-        x.stride(0), x.stride(1),
-        weight.stride(0), weight.stride(1),
-        U.stride(0), U.stride(1),
-        C.stride(0), C.stride(1),
-        y.stride(0), y.stride(1),
-        t_arg.stride(0), t_arg.stride(1),
-        bias.stride(0) if bias is not None else 0,
-        HAS_BIAS=bias is not None,
-        STORE_T=store_t,
-        W_K_CONTIG=weight.stride(1) == 1,
-        BLOCK_R=max(16, triton.next_power_of_2(R)),
-        DOT_PRECISION=dot_precision(x.dtype),
-        SPLIT_T=x.dtype != torch.float32,
-    )
+    _lowrank_linear_fwd_kernel[grid](*args, **meta)
     return y, t

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .._utils import sm_count, triton_interpreting
-from .lowrank_linear import dot_precision
+from .lowrank_linear import CUDA_DTYPES, dot_precision
 
 #: Largest k the kernel takes; beyond it the op runs its PyTorch reference.
 MAX_FUSED_RANK = 128
@@ -46,57 +46,47 @@ def _config(bm, bn, bk, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
+# Small, deliberate sets, all measured to compile for sm_90 with no spill and shared memory
+# under 227 KB, bf16 and fp16, k <= 16 / 32 / 64 / 128, rows in order or grouped
+# (tests/test_sm90_fit.py compiles them all).
+#
 # Decode-sized batches (M <= 64): long K tiles stream x and U; column splitting gives the
 # parallelism (see _n_split).
 _DECODE = [
     _config(16, 64, 128, 4, 3),
-    _config(16, 128, 128, 4, 3),
     _config(16, 64, 256, 4, 2),
 ]
-# Larger batches: more rows per program amortise the U and V reads.
+# Larger batches: more rows per program amortise the U and V reads. BM=32 BN=128 w4 spills
+# 208-224 B at k = 128 (as do BM=64 w4 tiles); 8 warps hold BM=64 BN=128 at every k.
 _LARGE = [
     _config(32, 128, 64, 4, 3),
-    _config(64, 128, 64, 4, 3),
     _config(64, 128, 64, 8, 3),
-    _config(64, 64, 128, 4, 3),
 ]
 # Under the interpreter one configuration only; small tiles so that tests on small shapes
 # still cover several row blocks, K steps and column splits.
 _INTERPRETER = [_config(16, 32, 32, 4, 1)]
 
 
-def _regs_per_thread(cfg, block_r: int, elem_bytes: int = 2) -> int:
-    """Registers per thread for the fp32 accumulators (the y tile, t and s, BLOCK_M x BLOCK_R
-    each) and the k x k core tiles (two when double-buffered; two 16-bit values or one fp32
-    per register)."""
-    threads = 32 * cfg.num_warps
-    acc = cfg.kwargs["BLOCK_M"] * (cfg.kwargs["BLOCK_N"] + 2 * block_r) // threads
-    tiles = 2 if block_r <= PREFETCH_MAX_RANK else 1
-    return acc + tiles * block_r * block_r * elem_bytes // (4 * threads)
-
-
-# Measured by compiling every config for sm_90 with Triton's ptxas (as benchmarks/compile_report.py
-# does), bf16 and fp16: no spills up to k = 64; at k = 128 BM=32 BN=128 w4, BM=64 BN=128 w4 and
-# BM=64 BN=64 w4 spill (all pruned here), BM=64 BN=128 w8 and BM=16 w4 do not. fp32 with IEEE
-# dots (TF32 off) holds more than this estimate says: at k = 32 BM=64 BN=128 w4 spills 8 bytes,
-# at k >= 64 every config spills (a speed cost only).
-_MAX_REGS = 150
-
-
 def _prune(configs, named_args, **kwargs):
-    """Decode configs for M <= 64, the others above; drop those that would spill at this k."""
+    """Decode configs for M <= 64, the larger ones above (only 8 warps at k > 64); 16-bit only
+    (fp32 runs cuBLAS on CUDA, see kernels/lowrank_linear.py's CUDA_DTYPES)."""
     if len(configs) == 1:
         return configs
-    block_r = named_args.get("BLOCK_R", kwargs.get("BLOCK_R", 16))
     x = named_args.get("x_ptr")
-    elem = x.element_size() if hasattr(x, "element_size") else 2
-    pool = _DECODE if named_args["M"] <= 64 else _LARGE
-    keep = [c for c in configs if c in pool and _regs_per_thread(c, block_r, elem) <= _MAX_REGS]
-    return keep or [min(configs, key=lambda c: _regs_per_thread(c, block_r, elem))]
+    if x is not None and getattr(x, "dtype", None) not in CUDA_DTYPES:
+        raise ValueError(f"multi_task_linear kernel: {x.dtype} is not compiled for CUDA (the op routes it to cuBLAS)")
+    block_r = named_args.get("BLOCK_R", kwargs.get("BLOCK_R", 16))
+    if named_args["M"] <= 64:
+        return _DECODE
+    return _LARGE if block_r <= 64 else [c for c in _LARGE if c.num_warps == 8]
+
+
+#: Every configuration the prune may keep (compiled by tests/test_sm90_fit.py).
+CONFIGS = _DECODE + _LARGE
 
 
 def _autotune_configs():
-    return _INTERPRETER if triton_interpreting() else _DECODE + _LARGE
+    return _INTERPRETER if triton_interpreting() else CONFIGS
 
 
 @triton.autotune(
@@ -121,6 +111,7 @@ def _multi_task_delta_kernel(
     BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SPLIT: tl.constexpr,
+    SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -170,6 +161,13 @@ def _multi_task_delta_kernel(
 
         # 2. core: s = t @ cores[id], one masked dot per distinct id of the block
         if SPLIT:
+            if SCALE:
+                # fp16 tops out at 65504: rows of t beyond 2^14 are divided by a power of two
+                # (exact) before the split and their products multiplied back, so a large
+                # x @ U gives no inf / NaN where the fp32 math is finite. Same for s below.
+                t_max = tl.max(tl.abs(t), axis=1)
+                t_scale = tl.where(t_max > 16384.0, tl.exp2(tl.ceil(tl.log2(tl.maximum(t_max, 16384.0)))), 1.0)
+                t = t / t_scale[:, None]
             t_hi = t.to(x_ptr.dtype.element_ty)
             t_lo = (t - t_hi.to(tl.float32)).to(x_ptr.dtype.element_ty)
         s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -183,6 +181,8 @@ def _multi_task_delta_kernel(
             if SPLIT:
                 part = tl.dot(t_hi, c)
                 part = tl.dot(t_lo, c, part)
+                if SCALE:
+                    part = part * t_scale[:, None]
             else:
                 part = tl.dot(t, c, input_precision=DOT_PRECISION)
             s = tl.where((ids == cur)[:, None], part, s)
@@ -192,6 +192,10 @@ def _multi_task_delta_kernel(
 
         # 3. expand into this program's column tiles: y[rows, n] += s @ V[n].T
         if SPLIT:
+            if SCALE:
+                s_max = tl.max(tl.abs(s), axis=1)
+                s_scale = tl.where(s_max > 16384.0, tl.exp2(tl.ceil(tl.log2(tl.maximum(s_max, 16384.0)))), 1.0)
+                s = s / s_scale[:, None]
             s_hi = s.to(x_ptr.dtype.element_ty)
             s_lo = (s - s_hi.to(tl.float32)).to(x_ptr.dtype.element_ty)
         n_tiles = tl.cdiv(N, BLOCK_N)
@@ -209,6 +213,8 @@ def _multi_task_delta_kernel(
             if SPLIT:
                 delta = tl.dot(s_hi, vt)
                 delta = tl.dot(s_lo, vt, delta)
+                if SCALE:
+                    delta = delta * s_scale[:, None]
             else:
                 delta = tl.dot(s, vt, input_precision=DOT_PRECISION)
             y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
@@ -225,6 +231,33 @@ def _n_split(M: int, N: int, block_m: int, block_n: int, device: torch.device) -
     """Column splits per row block: enough programs for two per SM, at most one per column tile."""
     target = 2 * sm_count(device) if device.type == "cuda" else 2
     return max(1, min(triton.cdiv(N, block_n), triton.cdiv(target, triton.cdiv(M, block_m))))
+
+
+def kernel_args(y, x, U, cores, V, ids, ids_div=1, order=None):
+    """Positional and keyword arguments of one launch (shared with :mod:`share_kernels.kernels.aot`)."""
+    M, K = x.shape
+    N, R = V.shape
+    T = cores.shape[0]
+    block_r = max(16, triton.next_power_of_2(R))
+    args = (
+        x, U, cores, V, ids, order if order is not None else ids, y,
+        M, N, K, R, T, ids_div, _m_bucket(M),
+        x.stride(0), x.stride(1),
+        U.stride(0), U.stride(1),
+        cores.stride(0), cores.stride(1), cores.stride(2),
+        V.stride(0), V.stride(1),
+        y.stride(0), y.stride(1),
+        ids.stride(0),
+    )
+    meta = dict(
+        HAS_ORDER=order is not None,
+        PREFETCH=block_r <= PREFETCH_MAX_RANK,
+        BLOCK_R=block_r,
+        DOT_PRECISION=dot_precision(x.dtype),
+        SPLIT=x.dtype != torch.float32,
+        SCALE=x.dtype == torch.float16,
+    )
+    return args, meta
 
 
 def multi_task_delta_(
@@ -250,24 +283,10 @@ def multi_task_delta_(
         raise ValueError(f"multi_task_delta_: k={R} exceeds MAX_FUSED_RANK={MAX_FUSED_RANK}")
     if M == 0 or N == 0 or T == 0:
         return y
-    block_r = max(16, triton.next_power_of_2(R))
+    args, meta = kernel_args(y, x, U, cores, V, ids, ids_div, order)
     grid = lambda meta: (  # noqa: E731
         triton.cdiv(M, meta["BLOCK_M"]),
         _n_split(M, N, meta["BLOCK_M"], meta["BLOCK_N"], x.device),
     )
-    _multi_task_delta_kernel[grid](
-        x, U, cores, V, ids, order if order is not None else ids, y,
-        M, N, K, R, T, ids_div, _m_bucket(M),
-        x.stride(0), x.stride(1),
-        U.stride(0), U.stride(1),
-        cores.stride(0), cores.stride(1), cores.stride(2),
-        V.stride(0), V.stride(1),
-        y.stride(0), y.stride(1),
-        ids.stride(0),
-        HAS_ORDER=order is not None,
-        PREFETCH=block_r <= PREFETCH_MAX_RANK,
-        BLOCK_R=block_r,
-        DOT_PRECISION=dot_precision(x.dtype),
-        SPLIT=x.dtype != torch.float32,
-    )
+    _multi_task_delta_kernel[grid](*args, **meta)
     return y

@@ -55,17 +55,20 @@ def check_lowrank_linear_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor
 
 
 def _fused(x: Tensor, weight: Tensor, U: Tensor) -> bool:
-    from ..kernels.lowrank_linear import MAX_FUSED_RANK
+    from ..kernels.lowrank_linear import MAX_FUSED_RANK, fits_cuda
 
-    # zero-size inputs run the reference: nothing to fuse, and no empty launch grid
-    return use_triton(x, weight, U) and U.shape[1] <= MAX_FUSED_RANK and min(x.numel(), weight.numel(), U.numel()) > 0
+    # zero-size inputs run the reference (nothing to fuse, no empty launch grid); on CUDA only what
+    # fits sm_90 (16-bit, aligned sizes) runs the kernel, fp32 and the rest run cuBLAS.
+    cuda_ok = x.device.type != "cuda" or fits_cuda(x, weight.shape[1], weight.shape[0])
+    nonempty = min(x.numel(), weight.numel(), U.numel()) > 0
+    return use_triton(x, weight, U) and U.shape[1] <= MAX_FUSED_RANK and nonempty and cuda_ok
 
 
 @torch.library.custom_op("share_kernels::lowrank_linear", mutates_args=())
 def _lowrank_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], U: Tensor, C: Tensor) -> Tensor:
     check_lowrank_linear_inputs(x, weight, bias, U, C)
     if not _fused(x, weight, U):
-        # k > MAX_FUSED_RANK on CUDA lands here too: cuBLAS, unfused, same math.
+        # k > MAX_FUSED_RANK, fp32 and unaligned sizes on CUDA land here too: cuBLAS, same math.
         return lowrank_linear_reference(x, weight, bias, U, C)
     from ..kernels.lowrank_linear import lowrank_linear_forward
 

@@ -9,7 +9,7 @@ V (d_out, k), task_ids integer of shape ``x.shape[:-1]`` (one id per row) or ``x
 
 How it runs:
 
-* CPU (and float64, and k > 128): :func:`multi_task_linear_reference`.
+* CPU (and float64, k > 128, and on CUDA fp32 or d not a multiple of 16): :func:`multi_task_linear_reference`.
 * CUDA (fp32 / fp16 / bf16): ``y = F.linear(x, weight, bias)`` by cuBLAS, then ONE Triton
   kernel (:mod:`share_kernels.kernels.multi_task_linear`) adds the whole low-rank path of the
   adapted rows in place (``x·U`` in fp32, the row's core gathered in-kernel, ``·Vᵀ``) and never
@@ -165,11 +165,14 @@ def _check_strategy(strategy) -> None:
         raise ValueError(f"{_OP}: strategy must be one of {STRATEGIES}; got {strategy!r}")
 
 
-def _fused(x: Tensor, U: Tensor) -> bool:
+def _fused(x: Tensor, U: Tensor, V: Tensor) -> bool:
+    from ..kernels.lowrank_linear import fits_cuda
     from ..kernels.multi_task_linear import MAX_FUSED_RANK
 
-    # zero-size inputs run the reference: nothing to fuse, and no empty launch grid
-    return use_triton(x) and U.shape[1] <= MAX_FUSED_RANK and x.numel() > 0 and U.numel() > 0
+    # zero-size inputs run the reference (nothing to fuse, no empty launch grid); on CUDA only what
+    # fits sm_90 (16-bit, aligned sizes) runs the kernel, fp32 and the rest run the reference.
+    cuda_ok = x.device.type != "cuda" or fits_cuda(x, U.shape[0], V.shape[0])
+    return use_triton(x) and U.shape[1] <= MAX_FUSED_RANK and x.numel() > 0 and U.numel() > 0 and cuda_ok
 
 
 def _capturing(x: Tensor) -> bool:
@@ -189,7 +192,7 @@ def _multi_task_linear_op(
     check_ids: bool = True,
 ) -> Tensor:
     _check_strategy(strategy)
-    if not _fused(x, U):
+    if not _fused(x, U, V):
         return multi_task_linear_reference(x, weight, bias, U, cores, V, task_ids)
     check_multi_task_linear_inputs(
         x, weight, bias, U, cores, V, task_ids, check_values=check_ids and not _capturing(x)
