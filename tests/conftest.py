@@ -48,3 +48,12 @@ def triton_cpu(monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _process_state_restored():
+    """A test must leave the process as it found it: grad mode and autocast are per thread, and
+    one left off (a no_grad held across an await, say) silently changes every later test."""
+    yield
+    assert torch.is_grad_enabled(), "the test left grad mode disabled"
+    assert not torch.is_autocast_enabled("cpu"), "the test left CPU autocast enabled"
