@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..ops.lowrank_linear import lowrank_linear
 from ..ops.multi_task_linear import multi_task_linear
+from ._cache import forward_cache
 from .common import TaskLayer, check_task_name
 
 
@@ -271,9 +272,23 @@ class ShareLinear(TaskLayer):
             return self._forward_multi(x, task_ids, check_ids)
         if self.active_task is None:
             return self.base_layer(x)
-        WA, Ea, WB, Eb = self._factors_in(self.active_task)
-        C = self.scale * (Ea @ Eb.t()) @ WB.t()
+        WA, C = self._single_operands(self.active_task)
         return lowrank_linear(x, self.base_layer.weight, self.base_layer.bias, WA, C)
+
+    def _single_operands(self, name: str) -> tuple[Tensor, Tensor]:
+        """(U (d_in, k'), C (k', d_out)) of task ``name``'s ``lowrank_linear`` call, cached
+        while nothing trains (:mod:`share_kernels.nn._cache`)."""
+        sources = [self.U, self.V]
+        if name in self.eps_a:
+            sources += [self.eps_a[name], self.eps_b[name]]
+        if name == self.training_task:
+            sources += self._extras()
+
+        def compute() -> tuple[Tensor, Tensor]:
+            WA, Ea, WB, Eb = self._factors_in(name)
+            return WA, self.scale * (Ea @ Eb.t()) @ WB.t()
+
+        return forward_cache(self).get("single", sources, (name, self.training_task, self.scale), compute)
 
     def cores(self) -> Tensor:
         """(T, k, k): ``cores[t] = scale * eps_a[t] eps_b[t]ᵀ`` in task-id order."""
@@ -284,14 +299,17 @@ class ShareLinear(TaskLayer):
             )
         if not self._tasks:
             return self.U.new_zeros(0, self.k, self.k)
-        # One batched product (3 launches whatever T is), recomputed per forward: the
-        # coefficients may change in place between forwards (an optimizer step).
+        # One batched product (3 launches whatever T is). The forward caches it while nothing
+        # trains and rebuilds it when a coefficient changes (an optimizer step bumps its version).
         eps_a = torch.stack([self.eps_a[t] for t in self._tasks])
         eps_b = torch.stack([self.eps_b[t] for t in self._tasks])
         return self.scale * torch.bmm(eps_a, eps_b.transpose(1, 2))
 
     def _forward_multi(self, x: Tensor, task_ids: Tensor, check_ids: bool = True) -> Tensor:
-        cores = self.cores()
+        # cached while nothing trains: no per-forward stacking of T coefficient pairs
+        sources = [self.eps_a[t] for t in self._tasks] + [self.eps_b[t] for t in self._tasks] + self._extras()
+        state = (tuple(self._tasks), self.training_task, self.scale)
+        cores = forward_cache(self).get("cores", sources, state, self.cores)
         if torch.is_grad_enabled() and (x.requires_grad or cores.requires_grad):
             raise RuntimeError(
                 "ShareLinear: the task_ids forward is inference-only; run it under torch.no_grad() or "
