@@ -359,3 +359,30 @@ def test_forward_cache_get_rejects_nothing_it_should_keep():
     assert torch.equal(cache.get("s", [a], "other", lambda: a * 3), a * 3)  # state change
     b = a.clone()  # same values, another tensor
     assert torch.equal(cache.get("s", [b], "other", lambda: b * 4), b * 4)
+
+
+# ----------------------------------------------------------------------------- the CPU multi-task path
+
+
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_multi_task_reference_is_row_parallel_and_equals_the_definition(per_sequence):
+    """The row-parallel reference (one batched core product, chunked over rows) against the
+    row-by-row definition in float64; k = 200 makes the per-row path use several chunks."""
+    from share_kernels.ops.multi_task_linear import multi_task_linear_reference
+
+    k, T = (200, 5) if not per_sequence else (6, 4)
+    x = torch.randn(3, 45, 17, dtype=F64)
+    W, b = torch.randn(13, 17, dtype=F64), torch.randn(13, dtype=F64)
+    U, V = torch.randn(17, k, dtype=F64), torch.randn(13, k, dtype=F64)
+    cores = torch.randn(T, k, k, dtype=F64)
+    ids = torch.tensor([2, -1, 3]) if per_sequence else torch.randint(-1, T, (3, 45))
+    y = multi_task_linear_reference(x, W, b, U, cores, V, ids)
+    base = F.linear(x, W, b)
+    for i in range(3):
+        for j in range(45):
+            t = int(ids[i] if per_sequence else ids[i, j])
+            if t < 0:
+                assert torch.equal(y[i, j], base[i, j])
+            else:
+                want = base[i, j] + ((x[i, j] @ U) @ cores[t]) @ V.t()
+                torch.testing.assert_close(y[i, j], want, rtol=1e-10, atol=1e-10)

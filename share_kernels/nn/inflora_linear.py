@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.lowrank_linear import lowrank_linear
@@ -207,6 +208,8 @@ class InfLoRALinear(TaskLayer):
         if self.active_task is None:
             return self.base_layer(x)
         w, U, C = self._operands(self._tasks.index(self.active_task))
+        if U.shape[1] == 0:  # every selected branch is folded into w: no low-rank pass at all
+            return F.linear(x, w, self.base_layer.bias)
         return lowrank_linear(x, w, self.base_layer.bias, U, C)
 
     # ----------------------------------------------------------------- save / load
