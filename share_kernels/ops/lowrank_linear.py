@@ -149,4 +149,11 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], U: Tensor,
     Returns:
         (..., d_out) in x's dtype; ``x @ U`` is accumulated and kept in fp32 on CUDA.
     """
+    if not torch.compiler.is_compiling() and not _fused(x, weight, U):
+        # Where the op would run the reference anyway (CPU, fp64, k too large to fuse), run it
+        # here: the custom op's Python dispatch and autograd wrapper cost ~40 µs per forward and
+        # ~160 µs per forward + backward on a CPU, and plain autograd keeps x·U for the backward
+        # instead of recomputing it. Same checks, same math; torch.compile still sees the op.
+        check_lowrank_linear_inputs(x, weight, bias, U, C)
+        return lowrank_linear_reference(x, weight, bias, U, C)
     return torch.ops.share_kernels.lowrank_linear(x, weight, bias, U, C)

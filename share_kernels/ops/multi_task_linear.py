@@ -274,4 +274,8 @@ def multi_task_linear(
     """
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, U, cores, V)):
         raise RuntimeError(_GRAD_MESSAGE)
+    if not torch.compiler.is_compiling() and not _fused(x, U):
+        # the op would run the reference: skip its Python dispatch (as lowrank_linear does)
+        _check_strategy(strategy)
+        return multi_task_linear_reference(x, weight, bias, U, cores, V, task_ids)
     return torch.ops.share_kernels.multi_task_linear(x, weight, bias, U, cores, V, task_ids, strategy, check_ids)
