@@ -153,3 +153,28 @@ def columns(cost: Cost, measured_ms: Optional[float] = None, device: Optional[to
     if gpu is not None and measured_ms:
         cols[f"of {gpu} bound"] = cost.bound_s(gpu) * 1e3 / measured_ms
     return cols
+
+
+def lowrank_linear_train(M: int, d_in: int, d_out: int, k: int, elt: int = 2) -> Cost:
+    """Forward + backward of ``lowrank_linear`` with a frozen base (grads for x, U, C):
+    dx = dy W + (dy Cᵀ) Uᵀ (the base GEMM again plus the low-rank pair), dU = xᵀ (dy Cᵀ)
+    (2·M·d_in·k), dC = (x U)ᵀ dy (2·M·k·d_out); the backward reads dy, x, W, U, C once and
+    writes dx, dU, dC once."""
+    fwd = lowrank_linear(M, d_in, d_out, k, elt)
+    flops = 2.0 * M * d_in * d_out + 2.0 * M * k * (d_in + d_out) + 2.0 * M * k * (d_in + d_out)
+    nbytes = elt * (M * d_out + M * d_in + d_out * d_in + 2 * k * (d_in + d_out) + M * d_in)
+    return fwd + Cost(flops, nbytes, elt == 2)
+
+
+def stability_loss_train(d_out: int, d_in: int, r: int, elt: int = 2) -> Cost:
+    """Forward + backward of :func:`stability_loss`: the backward recomputes D tile by tile
+    (2·n·r), forms dD (~10 per element) and dA = Bᵀ dD, dB = dD Aᵀ (2·n·r each), reading
+    prev_delta a second time."""
+    n = d_out * d_in
+    return stability_loss(d_out, d_in, r, elt) + Cost(6.0 * n * r + 10.0 * n, elt * (n + 2 * r * (d_in + d_out)), elt == 2)
+
+
+def covariance(tokens: int, d: int, elt: int = 4) -> Cost:
+    """``Xᵀ X`` of (tokens, d) inputs: 2·tokens·d² FLOPs (d² with symmetry unused), X read once,
+    the fp32 (d, d) sum written once."""
+    return Cost(2.0 * tokens * d * d, elt * tokens * d + 4 * d * d, elt == 2)
