@@ -57,3 +57,13 @@ def test_vs_peft_suite_is_registered_and_runs_quick():
         assert r["ms"] > 0 and r["vs peft"] > 0 and r["model GFLOP"] > 0 and r["H100 bound us"] > 0
         if r["case"].endswith("peft lora"):
             assert r["vs peft"] == 1.0
+
+
+def test_goal_rows_relate_each_kernel_to_its_baseline():
+    rows = perf.goal_rows("H100")
+    by = {(r["kernel"], r["case"]): r for r in rows}
+    # decode: the ideal fused kernel moves W plus U and C, so its bound is a little above F.linear's
+    assert 1.0 < by[("lowrank_linear fwd", "M=1 k=64")]["model ratio"] < 1.05
+    # memory-bound projection: one read of X and one write against the three-kernel form
+    assert by[("project_complement", "d=4096 n=65536 k=16")]["model ratio"] < 0.5
+    assert by[("project_complement", "d=4096 n=65536 k=2048")]["bound by"] == "compute"
