@@ -107,3 +107,16 @@ def clear_forward_cache(module: nn.Module) -> None:
         cache = m.__dict__.get(_ATTR)
         if cache is not None:
             cache.clear()
+
+
+def gemm_layout(U: Tensor) -> Tensor:
+    """``U`` (d_in, k) as the same values with k-major storage (a transposed view of a
+    contiguous (k, d_in) tensor) on a CPU, else ``U`` itself.
+
+    Why: ``x @ U`` with a skinny U is a GEMM whose narrow operand CPU BLAS reads far faster
+    along d_in: measured 2-3x faster for d_in = 384 / 1536, k = 8 on this project's CPU, the
+    layout peft's ``F.linear(x, lora_A.weight)`` has. Cached like any operand, it is paid once.
+    """
+    if U.device.type != "cpu" or U.dim() != 2 or U.stride(0) == 1:
+        return U
+    return U.t().contiguous().t()

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..ops.lowrank_linear import lowrank_linear
 from ..ops.multi_task_linear import multi_task_linear
-from ._cache import forward_cache
+from ._cache import forward_cache, gemm_layout
 from .common import TaskLayer, check_task_name
 
 
@@ -286,9 +286,15 @@ class ShareLinear(TaskLayer):
 
         def compute() -> tuple[Tensor, Tensor]:
             WA, Ea, WB, Eb = self._factors_in(name)
+            WA = self._U_for_gemm() if WA is self.U else gemm_layout(WA)
             return WA, self.scale * (Ea @ Eb.t()) @ WB.t()
 
         return forward_cache(self).get("single", sources, (name, self.training_task, self.scale), compute)
+
+    def _U_for_gemm(self) -> Tensor:
+        """U in the storage order the CPU GEMM ``x @ U`` is fastest with (cached, even while a
+        task trains: U itself never does)."""
+        return forward_cache(self).get("U", (self.U,), None, lambda: gemm_layout(self.U))
 
     def cores(self) -> Tensor:
         """(T, k, k): ``cores[t] = scale * eps_a[t] eps_b[t]ᵀ`` in task-id order."""
@@ -316,7 +322,8 @@ class ShareLinear(TaskLayer):
                 "torch.inference_mode(), or train one task at a time with set_task()"
             )
         w = self.base_layer.weight
-        return multi_task_linear(x, w, self.base_layer.bias, self.U, cores, self.V, task_ids, check_ids=check_ids)
+        U = self._U_for_gemm()
+        return multi_task_linear(x, w, self.base_layer.bias, U, cores, self.V, task_ids, check_ids=check_ids)
 
     # ----------------------------------------------------------------- save / load / stats
 
