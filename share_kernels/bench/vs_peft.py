@@ -12,8 +12,8 @@ Rows (inputs: random token ids; the loss the mean square of the last hidden stat
 
 * ``train``: forward + backward + AdamW step of the task in training, in each method's steady
   state (Share: a later task, coefficients plus φ = 2 temporary directions; InfLoRA: a later
-  task's A; PS-LoRA: a later task's LoRA plus the stability loss a user adds) against peft's
-  LoRA step;
+  task's A; PS-LoRA: a later task's LoRA plus the stability loss a user adds, and the same
+  step without the loss) against peft's LoRA step;
 * ``infer``: a forward under ``torch.inference_mode()`` with one finished task selected against
   peft's forward with its adapter active;
 * ``mixed T``: a batch whose sequences belong to T tasks (ids cycle over the tasks), Share's
@@ -208,12 +208,15 @@ def run(device: torch.device, preset: str = "full", echo=print) -> list[dict]:
         train[n] = _train_fn(m.train(), lr.trainable_parameters(), ids)
     train["inflora"] = _train_fn(inf_model.train(), inf_learner.trainable_parameters(), ids)
     train["pslora"] = _train_fn(ps_model.train(), ps_learner.trainable_parameters(), ids, ps_learner.extra_loss)
+    # the same step without the stability loss: what the layer costs, apart from the method's loss
+    train["pslora no loss"] = _train_fn(ps_model, ps_learner.trainable_parameters(), ids)
     tokens = batch * seq
     models = {"peft lora": perf.bert_model("lora", tokens, seq, R, train=True, **shape)}
     for n, k in ks.items():
         models[n] = perf.bert_model("share", tokens, seq, k + 2, train=True, **shape)
     models["inflora"] = perf.bert_model("lora", tokens, seq, R, train=True, **shape)
     models["pslora"] = perf.bert_model("pslora", tokens, seq, R, train=True, **shape)
+    models["pslora no loss"] = perf.bert_model("lora", tokens, seq, R, train=True, **shape)
     times = alternate(train, rounds, device)
     rows += _rows("train", times, "peft lora", f"{batch}x{seq}", models, device)
     echo(f"  train: " + ", ".join(f"{r['case'].split(' ', 1)[1]} {r['vs peft']:.3g}x" for r in rows))
