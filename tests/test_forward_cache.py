@@ -134,8 +134,10 @@ def test_share_mixed_batch_cores_are_cached_and_rebuilt(monkeypatch):
     ids = torch.tensor([0, 1, 2, -1, 1, 0])
 
     def ref():
-        rows = [F.linear(x[i], layer.base_layer.weight, layer.base_layer.bias) if t < 0 else share_ref(layer, layer.tasks[t], x[i])
-                for i, t in enumerate(ids.tolist())]
+        w, b = layer.base_layer.weight, layer.base_layer.bias
+        rows = [
+            F.linear(x[i], w, b) if t < 0 else share_ref(layer, layer.tasks[t], x[i]) for i, t in enumerate(ids.tolist())
+        ]
         return torch.stack(rows)
 
     with torch.no_grad():

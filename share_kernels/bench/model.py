@@ -99,7 +99,16 @@ def stability_loss(d_out: int, d_in: int, r: int, elt: int = 2) -> Cost:
 
 
 def bert_model(
-    method: str, tokens: int, seq: int, k: int, *, hidden: int, inter: int, layers: int, train: bool = False, elt: int = 2
+    method: str,
+    tokens: int,
+    seq: int,
+    k: int,
+    *,
+    hidden: int,
+    inter: int,
+    layers: int,
+    train: bool = False,
+    elt: int = 2,
 ) -> Cost:
     """A BERT encoder forward (``train``: + the backward to the inputs of every layer and the
     adapters' gradients) with every q, k, v, attention-out, intermediate and output linear adapted.
@@ -171,7 +180,8 @@ def stability_loss_train(d_out: int, d_in: int, r: int, elt: int = 2) -> Cost:
     (2·n·r), forms dD (~10 per element) and dA = Bᵀ dD, dB = dD Aᵀ (2·n·r each), reading
     prev_delta a second time."""
     n = d_out * d_in
-    return stability_loss(d_out, d_in, r, elt) + Cost(6.0 * n * r + 10.0 * n, elt * (n + 2 * r * (d_in + d_out)), elt == 2)
+    backward = Cost(6.0 * n * r + 10.0 * n, elt * (n + 2 * r * (d_in + d_out)), elt == 2)
+    return stability_loss(d_out, d_in, r, elt) + backward
 
 
 def covariance(tokens: int, d: int, elt: int = 4) -> Cost:

@@ -194,7 +194,9 @@ def run(device: torch.device, preset: str = "full", echo=print) -> list[dict]:
     batch, seq = (2, 8) if quick else (4, 64)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
-    shape = dict(hidden=cfg.hidden_size, inter=cfg.intermediate_size, layers=cfg.num_hidden_layers, elt=perf.elt_size(dtype))
+    shape = dict(
+        hidden=cfg.hidden_size, inter=cfg.intermediate_size, layers=cfg.num_hidden_layers, elt=perf.elt_size(dtype)
+    )
     ks = {"share k=8": 8, "share k=32": 32}
     rows: list[dict] = []
 

@@ -138,7 +138,10 @@ def multi_task_linear_reference(
     t = x2 @ U
     chunk = max(1, (1 << 22) // max(k * k, 1))
     tc = torch.cat(
-        [torch.bmm(t[i : i + chunk, None], cores.index_select(0, sel[i : i + chunk]))[:, 0] for i in range(0, t.shape[0], chunk)]
+        [
+            torch.bmm(t[i : i + chunk, None], cores.index_select(0, sel[i : i + chunk]))[:, 0]
+            for i in range(0, t.shape[0], chunk)
+        ]
     )
     return torch.where(mask, out2 + tc @ V.t(), out2).view(out.shape)
 
