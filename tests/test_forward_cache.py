@@ -388,3 +388,15 @@ def test_multi_task_reference_is_row_parallel_and_equals_the_definition(per_sequ
             else:
                 want = base[i, j] + ((x[i, j] @ U) @ cores[t]) @ V.t()
                 torch.testing.assert_close(y[i, j], want, rtol=1e-10, atol=1e-10)
+
+
+def test_compiled_forward_bypasses_the_cache_and_sees_updates():
+    layer = share_layer()
+    layer.set_task("a")
+    x = torch.randn(5, 13, dtype=F64)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert rel(compiled(x), share_ref(layer, "a", x)) < 1e-12
+        layer.eps_b["a"].mul_(-1.5)
+        assert rel(compiled(x), share_ref(layer, "a", x)) < 1e-12
+    assert not forward_cache(layer)._slots

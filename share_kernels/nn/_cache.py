@@ -22,6 +22,8 @@ version counter); after such a write call :func:`clear_forward_cache`.
 assignment (atomic under the GIL), so a thread sees either the old entry or the new one, never a
 mix. Two threads that miss at once both compute; either result is correct.
 
+Under ``torch.compile`` the cache is bypassed (the compiled graph computes the operand).
+
 The cache holds only small tensors (k x d and smaller); it is not module state (no
 ``state_dict`` entry, not moved by ``.to``: a moved layer just rebuilds it) and a copy of the
 layer (``copy.deepcopy``) starts with an empty one.
@@ -54,6 +56,10 @@ class ForwardCache:
         scale). Without caching (grad mode on and a source requires grad) ``compute()`` runs
         as it is, keeping its graph.
         """
+        if torch.compiler.is_compiling():
+            # a traced graph recomputes the operand itself (and guards on what it reads); a
+            # Python-side cache inside it would be baked in or break the graph
+            return compute()
         sources = tuple(sources)
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
             return compute()
