@@ -52,6 +52,7 @@ def test_vs_peft_suite_is_registered_and_runs_quick():
     for kind in ("train", "infer"):
         for v in ("peft lora", "share k=8", "share k=32", "inflora", "pslora"):
             assert f"{kind} {v}" in cases
+    assert "infer share k=32 merged" in cases and "train pslora no loss" in cases
     assert "mixed T=4 share k=8" in cases and "mixed T=4 peft lora" in cases
     for r in rows:
         assert r["ms"] > 0 and r["vs peft"] > 0 and r["model GFLOP"] > 0 and r["H100 bound us"] > 0

@@ -400,3 +400,28 @@ def test_compiled_forward_bypasses_the_cache_and_sees_updates():
         layer.eps_b["a"].mul_(-1.5)
         assert rel(compiled(x), share_ref(layer, "a", x)) < 1e-12
     assert not forward_cache(layer)._slots
+
+
+def test_merged_inference_is_one_linear_with_a_cached_merged_weight(monkeypatch):
+    from share_kernels.nn import set_merged_inference
+
+    layer = share_layer()
+    model = nn.Sequential(layer)
+    assert set_merged_inference(model) == 1
+    x = torch.randn(6, 13, dtype=F64)
+    layer.set_task("a")  # a's coefficients require grad: training, so no merged copy
+    y = layer(x)
+    assert y.requires_grad and rel(y, share_ref(layer, "a", x)) < 1e-12
+    calls = count_calls(monkeypatch, layer, "task_factors")
+    with torch.no_grad():
+        y1, y2 = layer(x), layer(x)
+    assert len(calls) == 1 and torch.equal(y1, y2) and rel(y1, share_ref(layer, "a", x)) < 1e-12
+    sgd_step(layer.task_parameters("a"), x, layer)
+    with torch.no_grad():
+        assert rel(layer(x), share_ref(layer, "a", x)) < 1e-12
+        layer.set_task("b")
+        assert rel(layer(x), share_ref(layer, "b", x)) < 1e-12
+        ids = torch.tensor([0, 1, 2, -1, 0, 2])  # the mixed-batch path is unchanged
+        want = torch.stack([F.linear(x[i], layer.base_layer.weight, layer.base_layer.bias) if t < 0
+                            else share_ref(layer, layer.tasks[t], x[i]) for i, t in enumerate(ids.tolist())])
+        assert rel(layer(x, task_ids=ids), want) < 1e-12

@@ -15,7 +15,8 @@ Rows (inputs: random token ids; the loss the mean square of the last hidden stat
   task's A; PS-LoRA: a later task's LoRA plus the stability loss a user adds, and the same
   step without the loss) against peft's LoRA step;
 * ``infer``: a forward under ``torch.inference_mode()`` with one finished task selected against
-  peft's forward with its adapter active;
+  peft's forward with its adapter active (also Share k=32 with ``set_merged_inference``: one
+  ``F.linear`` on a cached ``W + dW``);
 * ``mixed T``: a batch whose sequences belong to T tasks (ids cycle over the tasks), Share's
   ``task_ids`` forward against peft's ``adapter_names`` forward with T adapters loaded.
 
@@ -35,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from ..continual import ContinualLearner, task_ids
-from ..nn import ShareLinear
+from ..nn import ShareLinear, set_merged_inference
 from . import model as perf
 from .common import sync
 
@@ -234,18 +235,22 @@ def run(device: torch.device, preset: str = "full", echo=print) -> list[dict]:
     infer = {"peft lora": _infer_fn(peft_model.eval(), ids)}
     for n, (m, _) in shares.items():
         infer[n] = _infer_fn(m.eval(), ids)
+    merged = copy.deepcopy(shares["share k=32"][0])
+    set_merged_inference(merged)
+    infer["share k=32 merged"] = _infer_fn(merged, ids)
     infer["inflora"] = _infer_fn(inf_model.eval(), ids)
     infer["pslora"] = _infer_fn(ps_model.eval(), ids)
     models = {"peft lora": perf.bert_model("lora", tokens, seq, R, **shape)}
     for n, k in ks.items():
         models[n] = perf.bert_model("share", tokens, seq, k, **shape)
+    models["share k=32 merged"] = perf.bert_model("dense", tokens, seq, 0, **shape)  # cached W + dW
     models["inflora"] = perf.bert_model("dense", tokens, seq, 0, **shape)  # all folded: W + delta
     models["pslora"] = perf.bert_model("dense", tokens, seq, 0, **shape)  # finished: merged weight
     times = alternate(infer, rounds, device)
     n0 = len(rows)
     rows += _rows("infer", times, "peft lora", f"{batch}x{seq}", models, device)
     echo(f"  infer: " + ", ".join(f"{r['case'].split(' ', 1)[1]} {r['vs peft']:.3g}x" for r in rows[n0:]))
-    del peft_model, shares, inf_model, ps_model, train, infer
+    del peft_model, shares, merged, inf_model, ps_model, train, infer
 
     # ---- mixed batches: sequences of T tasks in one forward
     mixed_tasks = (4,) if quick else (8, 64, 256)

@@ -75,6 +75,13 @@ class ForwardCache:
         self._slots[slot] = (sources, views, versions, state, value)
         return value
 
+    @staticmethod
+    def usable(sources: Sequence[Tensor]) -> bool:
+        """Whether :meth:`get` would cache for these sources now (see the module doc)."""
+        if torch.compiler.is_compiling():
+            return False
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in sources))
+
     def clear(self) -> None:
         self._slots = {}
 

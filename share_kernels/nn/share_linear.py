@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.lowrank_linear import lowrank_linear
@@ -83,6 +84,9 @@ class ShareLinear(TaskLayer):
         self.training_task: Optional[str] = None
         for name in ("U_tmp", "V_tmp", "eps_a_tmp", "eps_b_tmp", "lora_A", "lora_B"):
             self.register_parameter(name, None)
+        #: single-task forward through a cached merged weight ``W + dW`` while nothing trains
+        #: (one ``F.linear``; one more d_out x d_in tensor per layer); see README
+        self.merged_inference = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, k: int = 32, p: int = 8, scale: float = 1.0) -> "ShareLinear":
@@ -272,6 +276,10 @@ class ShareLinear(TaskLayer):
             return self._forward_multi(x, task_ids, check_ids)
         if self.active_task is None:
             return self.base_layer(x)
+        if self.merged_inference:
+            w = self._merged_weight(self.active_task)
+            if w is not None:
+                return F.linear(x, w, self.base_layer.bias)
         WA, C = self._single_operands(self.active_task)
         return lowrank_linear(x, self.base_layer.weight, self.base_layer.bias, WA, C)
 
@@ -290,6 +298,26 @@ class ShareLinear(TaskLayer):
             return WA, self.scale * (Ea @ Eb.t()) @ WB.t()
 
         return forward_cache(self).get("single", sources, (name, self.training_task, self.scale), compute)
+
+    def _merged_weight(self, name: str) -> Optional[Tensor]:
+        """``W + delta_weight(name)`` (computed in fp32 or wider, stored in W's dtype), cached;
+        None while the task trains (a merged copy cannot carry its gradient)."""
+        w = self.base_layer.weight
+        sources = [w, self.U, self.V]
+        if name in self.eps_a:
+            sources += [self.eps_a[name], self.eps_b[name]]
+        if name == self.training_task:
+            sources += self._extras()
+        cache = forward_cache(self)
+        if not cache.usable(sources):
+            return None
+
+        def compute() -> Tensor:
+            acc = torch.promote_types(w.dtype, torch.float32)
+            A, B = self.task_factors(name)
+            return (w.to(acc) + self.scale * (B.to(acc) @ A.to(acc).t())).to(w.dtype)
+
+        return cache.get("merged", sources, (name, self.training_task, self.scale), compute)
 
     def _U_for_gemm(self) -> Tensor:
         """U in the storage order the CPU GEMM ``x @ U`` is fastest with (cached, even while a
@@ -381,3 +409,16 @@ class ShareLinear(TaskLayer):
             f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, p={self.p}, "
             f"scale={self.scale}, tasks={len(self._tasks)}"
         )
+
+
+def set_merged_inference(model: nn.Module, enabled: bool = True) -> int:
+    """Turn :attr:`ShareLinear.merged_inference` on or off for every Share layer of ``model``;
+    returns how many layers were set. While nothing trains, a merged layer's single-task
+    forward is one ``F.linear`` with a cached ``W + dW`` (rebuilt on any change of the task,
+    its coefficients or the bases), at the cost of one more d_out x d_in tensor per layer."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, ShareLinear):
+            m.merged_inference = bool(enabled)
+            n += 1
+    return n
