@@ -186,6 +186,12 @@ def _rows(case: str, times: dict[str, list[float]], baseline: str, shape: str, m
 
 
 def run(device: torch.device, preset: str = "full", echo=print) -> list[dict]:
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        echo(f"  skipped: {e} (pip install peft transformers)")
+        return [{"case": "skipped", "note": f"needs peft and transformers: {e}"}]
     quick = preset == "quick"
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     rounds = 3 if quick else 15
