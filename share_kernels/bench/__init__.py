@@ -23,6 +23,7 @@ SUITES = {
     "project_complement": "share_kernels.bench.project_complement",
     "pslora": "share_kernels.bench.pslora",
     "share": "share_kernels.bench.share",
+    "vs_peft": "share_kernels.bench.vs_peft",
 }
 
 #: one line per suite for ``share-kernels bench --help``

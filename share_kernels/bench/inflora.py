@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from ..continual import ContinualLearner
 from ..continual.inflora import DualGPM, project_all
+from . import model as perf
 from .common import sync, time_ms
 
 NAME = "inflora"
@@ -113,6 +114,12 @@ def run(device: torch.device, preset: str = "full", echo=print) -> list[dict]:
         for grouped in (True, False):
             ms, cpu_s, proj_ms, n_layers, retain = results[grouped]
             kind = "grouped" if grouped else "per-layer loop"
+            # model: per boundary pair two forward passes over the batches and two covariance
+            # sums per adapted layer (every target here has d_in = d); SVDs and projections not modeled
+            n_tok, elt = n_batches * tokens, perf.elt_size(dtype)
+            fwd = perf.linear(n_tok, d, d, elt).times(4 * blocks) + perf.linear(n_tok, d, h, elt).times(blocks)
+            fwd = fwd + perf.linear(n_tok, h, d, elt).times(blocks)
+            cost = (fwd + perf.covariance(n_tok, d, elt).times(n_layers)).times(2)
             rows.append(
                 {
                     "case": f"begin+end {label} ({kind})",
@@ -127,6 +134,7 @@ def run(device: torch.device, preset: str = "full", echo=print) -> list[dict]:
                     "cpu vs loop": cpu_s / results[False][1],
                     "projection ms": proj_ms,
                     "projection vs loop": proj_ms / results[False][2],
+                    **perf.columns(cost, ms, device),
                 }
             )
     return rows

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.lowrank_linear import lowrank_linear, lowrank_linear_reference
+from . import model as perf
 from .common import copy_bandwidth_gbs, rotating, time_ms
 
 NAME = "lowrank_linear"
@@ -113,6 +114,10 @@ def run(device: torch.device, preset: str = "full", echo=print) -> list[dict]:
                     row["fused GB/s"] = nbytes / (fused * 1e-3) / 1e9
                     row["copy GB/s"] = copy_gbs
                     row["fused/copy bw"] = row["fused GB/s"] / copy_gbs
+                cost = (perf.lowrank_linear if mode == "fwd" else perf.lowrank_linear_train)(
+                    M, d, d, k, perf.elt_size(dtype)
+                )
+                row.update(perf.columns(cost, fused, device))  # the model of the fused kernel's work
                 row["note"] = note if peft_ok else note + "; peft not installed"
                 echo(f"  {row['case']}: fused {fused:.3g} ms")
                 rows.append(row)

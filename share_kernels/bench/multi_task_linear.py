@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..ops.lowrank_linear import lowrank_linear
 from ..ops.multi_task_linear import choose_strategy, multi_task_linear
+from . import model as perf
 from .common import rotating, time_ms
 
 NAME = "multi_task_linear"
@@ -174,6 +175,7 @@ def run(device: torch.device, preset: str = "full", echo=print) -> list[dict]:
                 row["share/F.linear"] = share / row["F.linear ms"]
                 row["peft/share"] = row["peft ms"] / share if peft is not None else float("nan")
                 row["bgmv/share"] = row["bgmv ms"] / share
+                row.update(perf.columns(perf.multi_task_linear(rows, d, d, k, T, esize), share, device))
                 row["share B/tenant"] = 2 * k * P * esize
                 row["lora B/tenant"] = LORA_R * 2 * d * esize
                 extra = "" if peft is not None else "; peft not installed"

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from ..ops.project_complement import project_complement, project_complement_grouped, project_complement_reference
+from . import model as perf
 from .common import copy_bandwidth_gbs, rotating, time_ms
 
 NAME = "project_complement"
@@ -105,7 +106,9 @@ def run(device: torch.device, preset: str = "full", echo=print) -> list[dict]:
                 flop = 4.0 * d * n * k
                 row = {"case": f"d={d} n={n} k={k}", "dtype": str(dtype).replace("torch.", "")}
                 row["flop/B"] = flop / (2 * d * n * elem)
+                cost = perf.project_complement(d, n, k, elem)
                 if device.type == "cpu" and flop > CPU_MAX_FLOP:
+                    row.update(perf.columns(cost))  # the model alone
                     row["note"] = f"skipped on cpu: {flop / 1e12:.1f} TFLOP per call"
                     echo(f"  {row['case']}: {row['note']}")
                     rows.append(row)
@@ -116,6 +119,7 @@ def run(device: torch.device, preset: str = "full", echo=print) -> list[dict]:
                 row["torch/ext"] = row["torch ms"] / row["ext ms"]
                 row["ext GB/s"] = 2 * d * n * elem / (row["ext ms"] * 1e-3) / 1e9
                 row["copy GB/s"] = copy_gbs
+                row.update(perf.columns(cost, row["ext ms"], device))
                 echo(f"  {row['case']} {row['dtype']}: torch/ext {row['torch/ext']:.2f}")
                 rows.append(row)
                 del sets
@@ -126,6 +130,7 @@ def run(device: torch.device, preset: str = "full", echo=print) -> list[dict]:
                     row[f"{impl} ms"] = time_ms(case_fn(impl, sets), device, min_reps=min_reps, budget_s=budget)
                 row["loop/grouped"] = row["loop ms"] / row["grouped ms"]
                 row["loop torch/grouped"] = row["loop torch ms"] / row["grouped ms"]
+                row.update(perf.columns(perf.project_complement(d, n, k, elem).times(layers), row["grouped ms"], device))
                 echo(f"  {row['case']} {row['dtype']}: loop/grouped {row['loop/grouped']:.2f}")
                 rows.append(row)
                 del sets

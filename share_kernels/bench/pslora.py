@@ -17,6 +17,7 @@ import torch
 
 from ..ops.lowrank_linear import lowrank_linear
 from ..ops.stability_loss import stability_loss
+from . import model as perf
 from .common import peak_memory_bytes, rotating, time_ms
 
 NAME = "pslora"
@@ -97,6 +98,8 @@ def loss_rows(device, ds, dtypes, budget, echo) -> list[dict]:
                 row[f"{impl} peak MB"] = peak_mb(lambda: step(*sets[0]), device)
             row["naive/fused time"] = row["naive ms"] / row["fused ms"]
             row["naive/fused mem"] = row["naive peak MB"] / max(row["fused peak MB"], 1e-9)
+            cost = perf.stability_loss_train(d, d, RANK, perf.elt_size(dtype))
+            row.update(perf.columns(cost, row["fused ms"], device))
             cpu_note = "fused = chunked reference (CPU path)"
             row["note"] = "fused = Triton tile kernel" if device.type == "cuda" else cpu_note
             echo(f"  {row['case']} {row['dtype']}: fused {row['fused ms']:.3g} ms, naive {row['naive ms']:.3g} ms")
@@ -123,6 +126,8 @@ def forward_rows(device, d, Ms, dtype, budget, echo) -> list[dict]:
             for name, fn in impls.items():
                 row[f"{name} ms"] = time_ms(fn, device, budget_s=budget)
         row["dense add/merged copy"] = row["dense add ms"] / row["merged copy ms"]
+        cost = perf.lowrank_linear(M, d, d, RANK, perf.elt_size(dtype))
+        row.update(perf.columns(cost, row["merged copy ms"], device))
         echo(f"  {row['case']}: merged {row['merged copy ms']:.3g} ms, dense add {row['dense add ms']:.3g} ms")
         rows.append(row)
     return rows

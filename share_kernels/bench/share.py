@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..continual import AdapterStats, ContinualLearner, ShareConfig, ShareMethod
+from . import model as perf
 from .common import peak_memory_bytes, rotating, time_ms
 
 NAME = "share"
@@ -150,6 +151,9 @@ def train_rows(device: torch.device, preset: str, echo=print) -> list[dict]:
         peak = peak_memory_bytes(lambda: step(xs[0]), device)
         if name.startswith("peft"):
             peft_ms, peft_saved = ms, saved
+        width = r if name.startswith("peft") else 32 + (2 if "phi=2" in name else 0)
+        elt = perf.elt_size(dtype)  # model: both adapted linears' forward + backward, GELU ignored
+        cost = perf.lowrank_linear_train(tokens, d, h, width, elt) + perf.lowrank_linear_train(tokens, h, d, width, elt)
         rows.append(
             {
                 "case": f"train_step {name}",
@@ -161,6 +165,7 @@ def train_rows(device: torch.device, preset: str, echo=print) -> list[dict]:
                 "saved MB": saved / 1e6,
                 "saved vs peft": saved / peft_saved if peft_saved else float("nan"),
                 "peak MB": peak / 1e6 if peak is not None else float("nan"),
+                **perf.columns(cost, ms, device),
             }
         )
         echo(f"  {rows[-1]['case']}: {ms:.3g} ms")

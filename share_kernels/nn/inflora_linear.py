@@ -23,9 +23,11 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.lowrank_linear import lowrank_linear
+from ._cache import forward_cache
 from .common import TaskLayer, check_task_name
 
 #: the official code's scale of B_t's rows, 1/√3
@@ -187,15 +189,23 @@ class InfLoRALinear(TaskLayer):
         names = self._tasks[start : j + 1]
         if not names:
             return w, w.new_zeros(self.in_features, 0), w.new_zeros(0, self.out_features)
-        U = torch.cat([self.lora_B[t] for t in names], 0).t()
-        C = torch.cat([self.lora_A[t].t() for t in names], 0)
-        return w, U, C
+
+        def concat() -> tuple[Tensor, Tensor]:
+            U = torch.cat([self.lora_B[t] for t in names], 0).t()
+            C = torch.cat([self.lora_A[t].t() for t in names], 0)
+            return U, C
+
+        # the concatenation is cached while nothing trains (:mod:`share_kernels.nn._cache`)
+        sources = [self.lora_B[t] for t in names] + [self.lora_A[t] for t in names]
+        return (w, *forward_cache(self).get("branches", sources, tuple(names), concat))
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., d_in) -> (..., d_out): one ``lowrank_linear`` call over the selected branches."""
         if self.active_task is None:
             return self.base_layer(x)
         w, U, C = self._operands(self._tasks.index(self.active_task))
+        if U.shape[1] == 0:  # every selected branch is folded into w: no low-rank pass at all
+            return F.linear(x, w, self.base_layer.bias)
         return lowrank_linear(x, w, self.base_layer.bias, U, C)
 
     # ----------------------------------------------------------------- save / load

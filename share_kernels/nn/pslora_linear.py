@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ..ops.lowrank_linear import lowrank_linear
 from ..ops.stability_loss import stability_loss
+from ._cache import forward_cache
 from .common import TaskLayer, check_task_name
 
 
@@ -182,7 +183,9 @@ class PSLoRALinear(TaskLayer):
         if self.active_task != self.training_task:
             return F.linear(x, w, b)
         A, B = self.lora_A[self.active_task], self.lora_B[self.active_task]
-        return lowrank_linear(x, w, b, A.t(), B.t() * self.scale)
+        # scale · Bᵀ is cached while nothing trains (:mod:`share_kernels.nn._cache`)
+        C = forward_cache(self).get("C", (B,), self.scale, lambda: B.t() * self.scale)
+        return lowrank_linear(x, w, b, A.t(), C)
 
     # ----------------------------------------------------------------- save / load
 

@@ -25,10 +25,12 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.lowrank_linear import lowrank_linear
 from ..ops.multi_task_linear import multi_task_linear
+from ._cache import forward_cache, gemm_layout
 from .common import TaskLayer, check_task_name, current_task_ids
 
 
@@ -81,6 +83,9 @@ class ShareLinear(TaskLayer):
         self.training_task: Optional[str] = None
         for name in ("U_tmp", "V_tmp", "eps_a_tmp", "eps_b_tmp", "lora_A", "lora_B"):
             self.register_parameter(name, None)
+        #: single-task forward through a cached merged weight ``W + dW`` while nothing trains
+        #: (one ``F.linear``; one more d_out x d_in tensor per layer); see README
+        self.merged_inference = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, k: int = 32, p: int = 8, scale: float = 1.0) -> "ShareLinear":
@@ -279,9 +284,53 @@ class ShareLinear(TaskLayer):
             return self._forward_multi(x, routed, check_ids=False)
         if self.active_task is None:
             return self.base_layer(x)
-        WA, Ea, WB, Eb = self._factors_in(self.active_task)
-        C = self.scale * (Ea @ Eb.t()) @ WB.t()
+        if self.merged_inference:
+            w = self._merged_weight(self.active_task)
+            if w is not None:
+                return F.linear(x, w, self.base_layer.bias)
+        WA, C = self._single_operands(self.active_task)
         return lowrank_linear(x, self.base_weight(), self.base_layer.bias, WA, C)
+
+    def _single_operands(self, name: str) -> tuple[Tensor, Tensor]:
+        """(U (d_in, k'), C (k', d_out)) of task ``name``'s ``lowrank_linear`` call, cached
+        while nothing trains (:mod:`share_kernels.nn._cache`)."""
+        sources = [self.U, self.V]
+        if name in self.eps_a:
+            sources += [self.eps_a[name], self.eps_b[name]]
+        if name == self.training_task:
+            sources += self._extras()
+
+        def compute() -> tuple[Tensor, Tensor]:
+            WA, Ea, WB, Eb = self._factors_in(name)
+            WA = self._U_for_gemm() if WA is self.U else gemm_layout(WA)
+            return WA, self.scale * (Ea @ Eb.t()) @ WB.t()
+
+        return forward_cache(self).get("single", sources, (name, self.training_task, self.scale), compute)
+
+    def _merged_weight(self, name: str) -> Optional[Tensor]:
+        """``W + delta_weight(name)`` (computed in fp32 or wider, stored in W's dtype), cached;
+        None while the task trains (a merged copy cannot carry its gradient)."""
+        w = self.base_weight()  # (d_out, d_in); a transposed view for a Conv1D base
+        sources = [w, self.U, self.V]
+        if name in self.eps_a:
+            sources += [self.eps_a[name], self.eps_b[name]]
+        if name == self.training_task:
+            sources += self._extras()
+        cache = forward_cache(self)
+        if not cache.usable(sources):
+            return None
+
+        def compute() -> Tensor:
+            acc = torch.promote_types(w.dtype, torch.float32)
+            A, B = self.task_factors(name)
+            return (w.to(acc) + self.scale * (B.to(acc) @ A.to(acc).t())).to(w.dtype)
+
+        return cache.get("merged", sources, (name, self.training_task, self.scale), compute)
+
+    def _U_for_gemm(self) -> Tensor:
+        """U in the storage order the CPU GEMM ``x @ U`` is fastest with (cached, even while a
+        task trains: U itself never does)."""
+        return forward_cache(self).get("U", (self.U,), None, lambda: gemm_layout(self.U))
 
     def cores(self) -> Tensor:
         """(T, k, k): ``cores[t] = scale * eps_a[t] eps_b[t]ᵀ`` in task-id order."""
@@ -292,21 +341,25 @@ class ShareLinear(TaskLayer):
             )
         if not self._tasks:
             return self.U.new_zeros(0, self.k, self.k)
-        # One batched product (3 launches whatever T is), recomputed per forward: the
-        # coefficients may change in place between forwards (an optimizer step).
+        # One batched product (3 launches whatever T is). The forward caches it while nothing
+        # trains and rebuilds it when a coefficient changes (an optimizer step bumps its version).
         eps_a = torch.stack([self.eps_a[t] for t in self._tasks])
         eps_b = torch.stack([self.eps_b[t] for t in self._tasks])
         return self.scale * torch.bmm(eps_a, eps_b.transpose(1, 2))
 
     def _forward_multi(self, x: Tensor, task_ids: Tensor, check_ids: bool = True) -> Tensor:
-        cores = self.cores()
+        # cached while nothing trains: no per-forward stacking of T coefficient pairs
+        sources = [self.eps_a[t] for t in self._tasks] + [self.eps_b[t] for t in self._tasks] + self._extras()
+        state = (tuple(self._tasks), self.training_task, self.scale)
+        cores = forward_cache(self).get("cores", sources, state, self.cores)
         if torch.is_grad_enabled() and (x.requires_grad or cores.requires_grad):
             raise RuntimeError(
                 "ShareLinear: the task_ids forward is inference-only; run it under torch.no_grad() or "
                 "torch.inference_mode(), or train one task at a time with set_task()"
             )
         w = self.base_weight()
-        return multi_task_linear(x, w, self.base_layer.bias, self.U, cores, self.V, task_ids, check_ids=check_ids)
+        U = self._U_for_gemm()
+        return multi_task_linear(x, w, self.base_layer.bias, U, cores, self.V, task_ids, check_ids=check_ids)
 
     # ----------------------------------------------------------------- save / load / stats
 
@@ -364,3 +417,16 @@ class ShareLinear(TaskLayer):
             f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, p={self.p}, "
             f"scale={self.scale}, tasks={len(self._tasks)}"
         )
+
+
+def set_merged_inference(model: nn.Module, enabled: bool = True) -> int:
+    """Turn :attr:`ShareLinear.merged_inference` on or off for every Share layer of ``model``;
+    returns how many layers were set. While nothing trains, a merged layer's single-task
+    forward is one ``F.linear`` with a cached ``W + dW`` (rebuilt on any change of the task,
+    its coefficients or the bases), at the cost of one more d_out x d_in tensor per layer."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, ShareLinear):
+            m.merged_inference = bool(enabled)
+            n += 1
+    return n

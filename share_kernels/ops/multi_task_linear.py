@@ -115,22 +115,36 @@ def multi_task_linear_reference(
 ) -> Tensor:
     """Pure PyTorch in the inputs' dtype: the CPU path and the oracle of tests and benchmarks.
 
-    Rows are grouped by task, so the extra work is one ``(n_t, k) @ (k, k)`` product per task
-    present. Rows with id -1 keep ``F.linear(x, weight, bias)`` untouched (bit-identical).
-    Reads the ids on the host (``unique``, ``nonzero``): not for CUDA graphs.
+    Row-parallel, so the work does not depend on how many tasks the batch holds: ``t = x U``
+    for all rows, then each row's (or sequence's) core gathered and applied in one batched
+    product, then ``· Vᵀ``. Per-sequence ids gather one k x k core per sequence; per-row ids one
+    per row, in chunks of rows that keep the gathered cores under ~16 MB. Rows with id -1 keep
+    ``F.linear(x, weight, bias)`` untouched (bit-identical, selected with ``torch.where``).
     """
     check_multi_task_linear_inputs(x, weight, bias, U, cores, V, task_ids)
-    ids = task_ids.reshape(task_ids.shape + (1,) * (x.dim() - 1 - task_ids.dim())).expand(x.shape[:-1]).reshape(-1)
-    rows = ids.numel()  # not reshape(-1, d): that cannot infer the rows when d_in or d_out is 0
-    x2 = x.reshape(rows, x.shape[-1])
-    out = F.linear(x, weight, bias).reshape(rows, weight.shape[0])
-    for t in ids.unique().tolist():
-        if t < 0:
-            continue
-        rows = (ids == t).nonzero().squeeze(1)
-        xr = x2.index_select(0, rows)
-        out = out.index_put((rows,), out.index_select(0, rows) + ((xr @ U) @ cores[t]) @ V.t())
-    return out.view(*x.shape[:-1], weight.shape[0])
+    out = F.linear(x, weight, bias)
+    if cores.shape[0] == 0 or x.numel() == 0 or out.numel() == 0:
+        return out  # no task, so every (valid) id is -1
+    d_in, d_out, k = weight.shape[1], weight.shape[0], U.shape[1]
+    ids = task_ids.long()
+    valid = ids >= 0
+    sel = ids.clamp(min=0)
+    if ids.shape != x.shape[:-1]:  # one id per sequence: (B, rows of the sequence, d)
+        x3 = x.reshape(x.shape[0], -1, d_in)
+        delta = torch.bmm(x3 @ U, cores.index_select(0, sel)) @ V.t()
+        mask = valid.view(-1, 1, 1)
+        return torch.where(mask, out.view(delta.shape) + delta, out.view(delta.shape)).view(out.shape)
+    x2, out2 = x.reshape(-1, d_in), out.reshape(-1, d_out)
+    sel, mask = sel.reshape(-1), valid.reshape(-1, 1)
+    t = x2 @ U
+    chunk = max(1, (1 << 22) // max(k * k, 1))
+    tc = torch.cat(
+        [
+            torch.bmm(t[i : i + chunk, None], cores.index_select(0, sel[i : i + chunk]))[:, 0]
+            for i in range(0, t.shape[0], chunk)
+        ]
+    )
+    return torch.where(mask, out2 + tc @ V.t(), out2).view(out.shape)
 
 
 def choose_strategy(rows: int, num_tasks: int, run: int = 1) -> str:
@@ -272,4 +286,7 @@ def multi_task_linear(
     check_flag(_OP, "check_ids", check_ids, bool)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, U, cores, V)):
         raise RuntimeError(_GRAD_MESSAGE)
+    if not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type) and not _fused(x, U, V):
+        # the op would run the reference: skip its Python dispatch (as lowrank_linear does)
+        return multi_task_linear_reference(x, weight, bias, U, cores, V, task_ids)
     return torch.ops.share_kernels.multi_task_linear(x, weight, bias, U, cores, V, task_ids, strategy, check_ids)
