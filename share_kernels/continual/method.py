@@ -81,6 +81,12 @@ class Method(abc.ABC):
         """Keyword arguments of ``layer_cls.from_linear`` taken from ``config``."""
 
     @classmethod
+    def layer_kwargs_for(cls, config: Any, name: str) -> dict:
+        """``layer_kwargs`` of the layer called ``name`` (default: the same for every layer;
+        InfLoRA adds the layer's ``out_slices``)."""
+        return cls.layer_kwargs(config)
+
+    @classmethod
     @abc.abstractmethod
     def param_counts(cls, d_in: int, d_out: int, config: Any, layer: Optional[nn.Module] = None) -> ParamCounts:
         """One layer's accounting; ``layer`` is None when only its shape is known."""

@@ -22,6 +22,7 @@ Both are reconstructions of the paper's equations, with these choices:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -65,6 +66,50 @@ class PSLoRAConfig:
     @property
     def scale(self) -> float:
         return self.lora_alpha / self.r
+
+
+@dataclass
+class StabilityConfig:
+    """PS-LoRA's regularisers as a plug-in for another method's trained factors (InfLoRA's
+    ``A_t``: ``wrap(model, "inflora", stability=StabilityConfig(...))`` or ``stability={...}``).
+
+    Args:
+        lam: weight λ of ``stability_loss`` (the task's update against the accumulated update
+            of the earlier tasks) in ``extra_loss`` (>= 0; 0 turns the loss off).
+        alpha: tanh sharpness of its sign test (>= 0).
+        merge: True: finished tasks are combined by :func:`magnitude_merge` (every finished task
+            then runs one merged model); False: the host method's own combination (InfLoRA: sum).
+    """
+
+    lam: float = 0.1
+    alpha: float = 100.0
+    merge: bool = True
+
+    def __post_init__(self):
+        for name in ("lam", "alpha"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"StabilityConfig.{name} must be a finite number >= 0; got {v!r}")
+            setattr(self, name, float(v))
+        if not isinstance(self.merge, bool):
+            raise ValueError(f"StabilityConfig.merge must be a bool; got {self.merge!r}")
+
+    @classmethod
+    def coerce(cls, value, where: str) -> Optional["StabilityConfig"]:
+        """None / False -> None; True -> defaults; a dict or a StabilityConfig -> a StabilityConfig."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            names = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(value) - names)
+            if unknown:
+                raise ValueError(f"{where}: unknown stability option(s) {unknown}; valid options are {sorted(names)}")
+            return cls(**value)
+        raise TypeError(f"{where} must be None, a bool, a dict or a StabilityConfig; got {type(value).__name__}")
 
 
 @dataclass
@@ -169,4 +214,4 @@ class PSLoRAMethod(Method):
         return MergeReport(after=name, replaced={n: merge_layer(layer) for n, layer in self.layers.items()})
 
 
-__all__ = ["MergeReport", "PSLoRAConfig", "PSLoRAMethod", "magnitude_merge", "merge_layer"]
+__all__ = ["MergeReport", "PSLoRAConfig", "PSLoRAMethod", "StabilityConfig", "magnitude_merge", "merge_layer"]

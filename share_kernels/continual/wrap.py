@@ -113,8 +113,8 @@ def wrap(model: nn.Module, method: str, target_modules: TargetModules, **cfg) ->
         raise ValueError(
             f"the model is already wrapped ({len(existing)} adapter layers, e.g. {next(iter(existing))!r})"
         )
-    kwargs = method_cls.layer_kwargs(config)
-    replace_linears(model, method_cls.layer_cls, {n: kwargs for n in match_linear_layers(model, target_modules)})
+    names = match_linear_layers(model, target_modules)
+    replace_linears(model, method_cls.layer_cls, {n: method_cls.layer_kwargs_for(config, n) for n in names})
     model.requires_grad_(False)
     setattr(model, CONFIG_ATTR, config)
     return model
