@@ -28,7 +28,9 @@ from share_kernels.harness.run import TINY
 
 # every registered continual method (share, and inflora / pslora once they are registered)
 REGISTERED = sorted(m for m in _METHODS if m in ("share", "inflora", "pslora")) or ["share"]
-TINY_METHODS = [*REGISTERED, *BASELINES]
+# compositions of registered methods (InfLoRA with PS-LoRA's stability loss and merge)
+COMPOSED = ["inflora+pslora"] if "inflora" in REGISTERED else []
+TINY_METHODS = [*REGISTERED, *COMPOSED, *BASELINES]
 
 
 # ------------------------------------------------------------------ data
@@ -201,6 +203,32 @@ def test_tiny_run_end_to_end_invariants(tiny_results):
     cfg = tiny_config()
     check_invariants(results, cfg)
     json.dumps(results)  # JSON-able as is
+    if COMPOSED:
+        both, inf = results["methods"]["inflora+pslora"], results["methods"]["inflora"]
+        assert both["config"]["stability"] == {"lam": 0.1, "alpha": 100.0, "merge": True}
+        assert inf["config"]["stability"] is None
+        # the same branches are stored; the merged history replaces the sum (one d_out x d_in per layer)
+        assert both["stored_bytes_per_task"] == inf["stored_bytes_per_task"]
+        assert both["shared_bytes"] == inf["shared_bytes"] + 4 * 384 * 384 * len(cfg.layers) * len(cfg.targets)
+        assert both["task_incremental"]["matrix"] != inf["task_incremental"]["matrix"] or both["losses"] != inf["losses"]
+
+
+def test_composed_method_options():
+    from share_kernels.harness.backbone import TopEncoder
+    from share_kernels.harness.methods import make_runner
+    from share_kernels.harness.run import _parse_options
+
+    if not COMPOSED:
+        pytest.skip("InfLoRA is not registered")
+    opts = _parse_options(["inflora+pslora.lam=0.5", "inflora+pslora.merge=false", "inflora+pslora.threshold=0.9"])
+    from transformers import BertConfig, BertModel
+
+    bert = BertModel(BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32))
+    top = TopEncoder(bert, 1)
+    runner = make_runner("inflora+pslora", top, r"layers\.0\..*\.(query)", 4, opts["inflora+pslora"], 3)
+    cfg = runner.learner.config
+    assert runner.name == "inflora+pslora" and cfg.r == 4 and cfg.total_tasks == 3 and cfg.threshold == 0.9
+    assert cfg.stability.lam == 0.5 and not cfg.stability.merge and cfg.stability.alpha == 100.0
 
 
 def test_cli_writes_json_png_and_table(tmp_path, capsys):

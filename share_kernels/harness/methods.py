@@ -31,8 +31,13 @@ from .backbone import TopEncoder
 
 #: the baselines, trained through HF peft LoRA
 BASELINES = ("seq-lora", "per-task-lora", "joint")
+#: compositions run as one method: name -> (registered method, the config field that holds the
+#: plug-in's options); ``--option inflora+pslora.lam=...`` sets a plug-in option (lam, alpha, merge)
+COMPOSED = {"inflora+pslora": ("inflora", "stability")}
+#: the plug-in's options (PS-LoRA's :class:`~share_kernels.continual.pslora.StabilityConfig`)
+_STABILITY_OPTIONS = ("lam", "alpha", "merge")
 #: every method the command knows; continual methods are looked up in the registry at run time
-ALL_METHODS = ("share", "inflora", "pslora", *BASELINES)
+ALL_METHODS = ("share", "inflora", "pslora", "inflora+pslora", *BASELINES)
 
 
 @dataclass
@@ -96,8 +101,8 @@ class ContinualRunner:
     task_states = True
     joint = False
 
-    def __init__(self, method: str, top: TopEncoder, regex: str, cfg: dict):
-        self.name = method
+    def __init__(self, method: str, top: TopEncoder, regex: str, cfg: dict, name: Optional[str] = None):
+        self.name = name or method
         self.model = top
         self.learner = ContinualLearner(top, method=method, target_modules=regex, **cfg)
 
@@ -198,5 +203,12 @@ def make_runner(method: str, top: TopEncoder, regex: str, rank: int, overrides: 
         if overrides:
             raise ValueError(f"{method} takes no method options; got {overrides}")
         return LoRARunner(method, top, regex, rank)
+    if method in COMPOSED:
+        # e.g. inflora+pslora: InfLoRA with PS-LoRA's stability loss and magnitude merge on A_t
+        base, field = COMPOSED[method]
+        over = dict(overrides or {})
+        plug = {k: over.pop(k) for k in _STABILITY_OPTIONS if k in over}
+        cfg = {**method_defaults(base, rank, n_tasks), field: plug, **over}
+        return ContinualRunner(base, top, regex, cfg, name=method)
     cfg = {**method_defaults(method, rank, n_tasks), **(overrides or {})}
     return ContinualRunner(method, top, regex, cfg)
