@@ -299,3 +299,43 @@ def test_ddp_two_processes_match_one(tmp_path):
         la, lb = list(itertools.chain(*a["losses"])), list(itertools.chain(*b["losses"]))
         assert len(la) == len(lb) > 0
         torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=1e-9, atol=1e-12, msg=m)
+
+
+# ------------------------------------------------------------------ the long stream
+
+
+def test_long_stream_has_20_tasks_with_disjoint_classes_and_its_own_registry():
+    from share_kernels.harness.data import LONG_TASKS
+
+    tasks = load_tasks(LONG_TASKS, train_per_class=4, test_per_class=3, seed=0)
+    assert len(tasks) == 20 and all(2 <= t.num_classes <= 3 for t in tasks)
+    owner = {}
+    for t in tasks:
+        for text in t.train_texts + t.test_texts:
+            assert owner.setdefault(text, t.name) == t.name, (text, owner[text], t.name)
+    # the default stream's corpora overlap the long stream's (same languages): no mixing
+    with pytest.raises(ValueError, match="mix"):
+        load_tasks(["bbc", "news-a"], 4, 3)
+
+
+def test_long_stream_run_records_k_protected_dims_and_bytes_after_every_task(tmp_path):
+    from share_kernels.harness.data import LONG_TASKS
+    from share_kernels.harness.report import write_png
+
+    methods = ["share", "inflora", "per-task-lora"]
+    cfg = tiny_config(tasks=LONG_TASKS[:9], methods=methods, train_per_class=2, test_per_class=2)
+    results = run_continual(cfg, progress=False)
+    T = 9
+    for m in methods:
+        r = results["methods"][m]
+        after = r["after_task"]
+        assert len(after) == T and after[-1]["stored_bytes"] == r["stored_bytes_total"]
+        assert all(a["stored_bytes"] <= b["stored_bytes"] for a, b in zip(after, after[1:]))
+    sh = results["methods"]["share"]["after_task"]
+    assert all(set(a["k"]) == {"layers.0.attention.self.query", "layers.0.attention.self.value"} for a in sh)
+    assert all(v == 16 for a in sh[1:] for v in a["k"].values())  # fixed k once the subspace exists
+    inf = results["methods"]["inflora"]["after_task"]
+    assert all(a["protected"][n] <= b["protected"][n] for a, b in zip(inf, inf[1:]) for n in a["protected"])
+    assert all(0 <= v <= cfg.rank for a in inf for v in a["directions"].values())
+    write_png(results, str(tmp_path / "long.png"))
+    assert (tmp_path / "long.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,9 @@ expose one interface to the loop:
   ``use_latest()``: without a task id (class-incremental): the state after the latest task;
   ``class_incremental`` is False for a runner that cannot predict without a task id;
   ``task_states`` is False when every task uses the same adapter state (one shared LoRA);
-- ``stats()``: parameter and storage accounting of the adapters (heads counted separately).
+- ``stats()``: parameter and storage accounting of the adapters (heads counted separately);
+  ``boundary(n)``: after the n-th task, the stored bytes and per-layer state (Share's k,
+  InfLoRA's protected dimension and the directions its last ``B_t`` got).
 
 Registered methods (Share, InfLoRA, PS-LoRA, ...) run through
 :class:`~share_kernels.continual.ContinualLearner` and nothing else, so a method works here as
@@ -116,7 +118,18 @@ class ContinualRunner:
         return self.learner.extra_loss()
 
     def end_task(self, name: str, batches: Optional[Iterable] = None) -> Any:
-        return self.learner.end_task(name, batches)
+        self.last_report = self.learner.end_task(name, batches)
+        return self.last_report
+
+    def boundary(self, n_tasks: int) -> dict:
+        out: dict = {"stored_bytes": self.stats().total_bytes(n_tasks)}
+        layers = self.learner.layers
+        if all(isinstance(getattr(m, "k", None), int) for m in layers.values()):  # Share
+            out["k"] = {n: m.k for n, m in layers.items()}
+        if all(hasattr(m, "memory_dim") for m in layers.values()):  # InfLoRA
+            out["protected"] = {n: m.memory_dim for n, m in layers.items()}
+            out["directions"] = dict(getattr(self.last_report, "directions", {}))
+        return out
 
     def use_task(self, name: str) -> None:
         self.learner.set_task(name)
@@ -188,6 +201,9 @@ class LoRARunner:
         if not self.class_incremental:
             raise ValueError("per-task-lora needs a task id")
         self._activate(self._adapter(self.tasks[-1]), train=False)
+
+    def boundary(self, n_tasks: int) -> dict:
+        return {"stored_bytes": self.stats().total_bytes(n_tasks)}
 
     def stats(self) -> AdapterCounts:
         per = self._per_layer

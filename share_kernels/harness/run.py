@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from .backbone import encode_bottom, load_backbone, TopEncoder
-from .data import DEFAULT_TASKS, load_tasks
+from .data import DEFAULT_TASKS, LONG_TASKS, load_tasks
 from .loop import Dist, LoopConfig, MethodResult, TrainData, _seed, run_method
 from .methods import ALL_METHODS, BASELINES, make_runner, target_regex
 from .report import format_report, summarize, write_json, write_png
@@ -180,6 +180,9 @@ def _parse_options(items: Sequence[str]) -> dict:
 
 
 TINY = dict(tasks=("bbc", "sentiment"), train_per_class=4, test_per_class=4, epochs=1, batch_size=4, max_length=16, layers=(5,))
+#: the 20-task stream (2-3 classes a task; smaller classes than the default stream's)
+LONG20 = dict(tasks=LONG_TASKS, train_per_class=32, test_per_class=24)
+PRESETS = {"default": {}, "tiny": TINY, "long20": LONG20}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -202,14 +205,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a task's loss over its own classes (default) or over every class seen so far (old heads frozen)",
     )
     p.add_argument("--option", action="append", default=[], metavar="METHOD.NAME=VALUE", help="a method's config field, e.g. share.k=16")
-    p.add_argument("--preset", choices=["default", "tiny"], default="default", help="tiny: 2 tasks, a few texts (tests)")
+    p.add_argument(
+        "--preset", choices=list(PRESETS), default="default",
+        help="tiny: 2 tasks, a few texts (tests); long20: the 20-task stream, 32 train / 24 test texts per class",
+    )
     p.add_argument("--out", default="continual-out", help="directory for results.json and results.png")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-progress", action="store_true")
 
 
 def config_from_args(args: argparse.Namespace) -> HarnessConfig:
-    kw = dict(TINY) if args.preset == "tiny" else {}
+    kw = dict(PRESETS[args.preset])
     for name in ("tasks", "epochs", "batch_size", "lr", "train_per_class", "test_per_class", "max_length", "layers", "targets", "rank", "seed", "dtype", "head_loss"):
         v = getattr(args, name)
         if v is not None:
