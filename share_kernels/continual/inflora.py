@@ -519,7 +519,7 @@ def _warn_short(task: str, layers: Mapping[str, InfLoRALinear], got: Mapping[str
         f"InfLoRA: {what}: {shown}. The memory holds the input space of the earlier tasks; to keep room, "
         "raise total_tasks to the stream's real length, or lower threshold / threshold_end.",
         InfLoRASaturationWarning,
-        stacklevel=3,
+        stacklevel=4,  # the caller of ContinualLearner.begin_task
     )
 
 
