@@ -50,9 +50,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..nn.inflora_linear import DEFAULT_SCALE, InfLoRALinear, check_out_slices
+from ..nn.inflora_linear import DEFAULT_SCALE, InfLoRALinear
 from ..ops.project_complement import project_complement, project_complement_grouped
-from .method import Method, ParamCounts, register_method
+from .method import Method, ParamCounts, check_target_slices, register_method
 from .pslora import StabilityConfig, magnitude_merge
 
 ENERGIES = ("covariance", "data")
@@ -121,27 +121,12 @@ class InfLoRAConfig:
         if not isinstance(self.fold, bool):
             raise ValueError(f"InfLoRAConfig.fold must be a bool; got {self.fold!r}")
         self.stability = StabilityConfig.coerce(self.stability, "InfLoRAConfig.stability")
-        ts = self.target_slices
-        if ts is not None:
-            if not isinstance(ts, Mapping) or not ts or not all(isinstance(k, str) and k for k in ts):
-                raise ValueError(f"InfLoRAConfig.target_slices must be a non-empty dict {{name suffix: slices}}; got {ts!r}")
-            # bounds are checked against each layer's d_out when it is wrapped
-            self.target_slices = {k: check_out_slices(v, 1 << 62, f"InfLoRAConfig.target_slices[{k!r}]") for k, v in ts.items()}
+        self.target_slices = check_target_slices(self.target_slices, "InfLoRAConfig.target_slices")
 
     @property
     def merge(self) -> str:
         """How finished branches combine in the layers: ``"magnitude"`` with PS-LoRA's merge on."""
         return "magnitude" if self.stability is not None and self.stability.merge else "sum"
-
-    def slices_for(self, name: str) -> Optional[list]:
-        """The ``target_slices`` entry whose key is ``name`` or a dotted suffix of it (None: all rows);
-        ValueError when several keys match."""
-        if not self.target_slices:
-            return None
-        hits = [k for k in self.target_slices if name == k or name.endswith("." + k)]
-        if len(hits) > 1:
-            raise ValueError(f"InfLoRAConfig.target_slices: keys {hits} all match layer {name!r}")
-        return self.target_slices[hits[0]] if hits else None
 
     def threshold_at(self, t: int) -> float:
         """``ε_t = λ_b + (λ_e − λ_b) · min(t, T) / T`` for the task with index t (0 = first)."""
@@ -542,28 +527,13 @@ class InfLoRAMethod(Method):
     def __init__(self, layers: dict[str, InfLoRALinear], config: InfLoRAConfig):
         super().__init__(layers, config)
         self.check_layers_match({"r": "r", "scale": "scale", "merge": "merge"})
-        for n, layer in layers.items():
-            want = config.slices_for(n)
-            if layer.out_slices != want:
-                raise ValueError(f"layer {n!r} was built with out_slices={layer.out_slices}; the config says {want}")
-        if config.target_slices:
-            unused = [k for k in config.target_slices if not any(n == k or n.endswith("." + k) for n in layers)]
-            if unused:
-                raise ValueError(f"InfLoRAConfig.target_slices: {unused} match no adapted layer (adapted: {list(layers)[:8]})")
+        self.check_slices_match()
 
     @classmethod
     def layer_kwargs(cls, config: InfLoRAConfig) -> dict:
         kw = {"r": config.r, "scale": config.scale}
         if config.merge != "sum":
             kw["merge"] = config.merge
-        return kw
-
-    @classmethod
-    def layer_kwargs_for(cls, config: InfLoRAConfig, name: str) -> dict:
-        kw = cls.layer_kwargs(config)
-        slices = config.slices_for(name)
-        if slices is not None:
-            kw["out_slices"] = slices
         return kw
 
     @classmethod

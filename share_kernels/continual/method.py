@@ -82,9 +82,25 @@ class Method(abc.ABC):
 
     @classmethod
     def layer_kwargs_for(cls, config: Any, name: str) -> dict:
-        """``layer_kwargs`` of the layer called ``name`` (default: the same for every layer;
-        InfLoRA adds the layer's ``out_slices``)."""
-        return cls.layer_kwargs(config)
+        """``layer_kwargs`` of the layer called ``name``: the same for every layer, plus
+        ``out_slices`` where the config has a ``target_slices`` entry for it."""
+        kw = cls.layer_kwargs(config)
+        slices = slices_for(getattr(config, "target_slices", None), name)
+        if slices is not None:
+            kw["out_slices"] = slices
+        return kw
+
+    def check_slices_match(self) -> None:
+        """ValueError naming a layer built with other ``out_slices`` than the config's
+        ``target_slices`` gives it, or a ``target_slices`` key that matches no layer."""
+        ts = getattr(self.config, "target_slices", None)
+        for n, layer in self.layers.items():
+            want = slices_for(ts, n)
+            if getattr(layer, "out_slices", None) != want:
+                raise ValueError(f"layer {n!r} was built with out_slices={layer.out_slices}; the config says {want}")
+        unused = [k for k in ts or {} if not any(_suffix(n, k) for n in self.layers)]
+        if unused:
+            raise ValueError(f"target_slices: {unused} match no adapted layer (adapted: {list(self.layers)[:8]})")
 
     @classmethod
     @abc.abstractmethod
@@ -114,6 +130,32 @@ class Method(abc.ABC):
     def set_task(self, name: Optional[str]) -> None:
         for layer in self.layers.values():
             layer.set_task(name)
+
+
+def _suffix(name: str, key: str) -> bool:
+    return name == key or name.endswith("." + key)
+
+
+def check_target_slices(ts: Any, where: str) -> Optional[dict]:
+    """A config's ``target_slices``, ``{name suffix: [[start, stop], ...]}``, normalized (sorted
+    lists); bounds are checked against each layer's d_out when it is wrapped."""
+    from ..nn.common import check_out_slices
+
+    if ts is None:
+        return None
+    if not isinstance(ts, dict) or not ts or not all(isinstance(k, str) and k for k in ts):
+        raise ValueError(f"{where} must be a non-empty dict {{name suffix: [[start, stop], ...]}}; got {ts!r}")
+    return {k: check_out_slices(v, 1 << 62, f"{where}[{k!r}]") for k, v in ts.items()}
+
+
+def slices_for(ts: Optional[dict], name: str) -> Optional[list]:
+    """The ``target_slices`` entry whose key is ``name`` or a dotted suffix of it (None: all rows)."""
+    if not ts:
+        return None
+    hits = [k for k in ts if _suffix(name, k)]
+    if len(hits) > 1:
+        raise ValueError(f"target_slices: keys {hits} all match layer {name!r}")
+    return ts[hits[0]] if hits else None
 
 
 def register_method(cls: type[Method]) -> type[Method]:

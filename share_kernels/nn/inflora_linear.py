@@ -32,32 +32,12 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..ops.lowrank_linear import lowrank_linear
-from .common import TaskLayer, check_task_name
+from .common import TaskLayer, check_out_slices, check_task_name, overwrite_rows, slice_index, take_rows
 
 #: the official code's scale of B_t's rows, 1/√3
 DEFAULT_SCALE = 1.0 / math.sqrt(3.0)
 #: how finished branches combine: summed (InfLoRA) or by PS-LoRA's magnitude merge
 MERGES = ("sum", "magnitude")
-
-
-def check_out_slices(out_slices, d_out: int, where: str = "InfLoRALinear") -> Optional[list[list[int]]]:
-    """``out_slices`` as sorted, disjoint ``[start, stop]`` lists within [0, d_out] (None: all rows);
-    ValueError naming the slice and d_out otherwise."""
-    if out_slices is None:
-        return None
-    if isinstance(out_slices, (str, bytes)) or not isinstance(out_slices, Sequence) or not out_slices:
-        raise ValueError(f"{where}: out_slices must be a non-empty list of [start, stop] pairs; got {out_slices!r}")
-    out = []
-    for sl in out_slices:
-        ok = isinstance(sl, Sequence) and len(sl) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in sl)
-        if not ok or not 0 <= sl[0] < sl[1] <= d_out:
-            raise ValueError(f"{where}: out_slices entry {sl!r} must be [start, stop] ints with 0 <= start < stop <= d_out={d_out}")
-        out.append([int(sl[0]), int(sl[1])])
-    out.sort()
-    for a, b in zip(out, out[1:]):
-        if b[0] < a[1]:
-            raise ValueError(f"{where}: out_slices {a} and {b} overlap")
-    return out
 
 
 class InfLoRALinear(TaskLayer):
@@ -98,11 +78,8 @@ class InfLoRALinear(TaskLayer):
             self.out_features if self.out_slices is None else sum(b - a for a, b in self.out_slices)
         )
         w = base_layer.weight
-        rows = None
-        if self.out_slices is not None and len(self.out_slices) > 1:
-            rows = torch.cat([torch.arange(a, b) for a, b in self.out_slices]).to(w.device)
         # one slice is a view of the weight; several are gathered through these indices
-        self.register_buffer("_out_index", rows, persistent=False)
+        self.register_buffer("_out_index", slice_index(self.out_slices, w.device), persistent=False)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self._tasks: list[str] = []
@@ -132,12 +109,7 @@ class InfLoRALinear(TaskLayer):
 
     def _rows(self, t: Tensor) -> Tensor:
         """The adapted output rows of ``t`` (d_out, ...) (a view for one slice)."""
-        if self.out_slices is None:
-            return t
-        if self._out_index is None:
-            a, b = self.out_slices[0]
-            return t[a:b]
-        return t.index_select(0, self._out_index.to(t.device))
+        return take_rows(t, self.out_slices, self._out_index)
 
     # ----------------------------------------------------------------- tasks
 
@@ -305,13 +277,8 @@ class InfLoRALinear(TaskLayer):
         b = self.base_layer.bias
         if self.out_slices is None:
             return lowrank_linear(x, w, b, U, C)
-        # the untouched outputs are base_layer(x) itself; the adapted rows are overwritten
-        y = self.base_layer(x)
         ya = lowrank_linear(x, w, None if b is None else self._rows(b), U, C)
-        if self._out_index is None:
-            a, e = self.out_slices[0]
-            return torch.cat([y[..., :a], ya.to(y.dtype), y[..., e:]], -1)
-        return y.index_copy(y.dim() - 1, self._out_index.to(y.device), ya.to(y.dtype))
+        return overwrite_rows(self.base_layer(x), ya, self.out_slices, self._out_index)
 
     # ----------------------------------------------------------------- save / load
 
