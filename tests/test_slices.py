@@ -146,3 +146,42 @@ def test_bad_slices_raise_clear_errors():
         wrap(ViT(), "inflora", ["qkv"], target_slices={"qkv": [[0, 100]]})
     with pytest.raises(ValueError, match="target_slices"):
         wrap(ViT(), "inflora", ["qkv"], target_slices=[[0, 4]])
+
+
+def test_pslora_on_kv_slices_of_a_vit_block(tmp_path):
+    """The same mechanism for PS-LoRA: history, LoRA and merge over the adapted rows only."""
+    from share_kernels.continual import magnitude_merge
+
+    torch.manual_seed(2)
+    model = ViT(depth=1)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    learner = ContinualLearner(model, "pslora", target_modules=["qkv"], r=2, lam=0.3, alpha=5.0,
+                               target_slices={"qkv": KV})  # fmt: skip
+    layer = model.blocks[0].attn.qkv
+    assert layer.prev_delta.shape == (2 * DIM, DIM) and layer.adapted_out == 2 * DIM
+    x = torch.randn(3, 5, DIM)
+    P = torch.zeros(2 * DIM, DIM, dtype=F64)
+    for t in range(2):
+        learner.begin_task(f"t{t}")
+        assert learner.trainable_parameters()[1].shape == (2 * DIM, 2)
+        layer.lora_B[f"t{t}"].data.normal_()
+        D = layer.scale * (layer.lora_B[f"t{t}"].to(F64) @ layer.lora_A[f"t{t}"].to(F64))
+        want_loss = 0.3 * ((1 - torch.tanh(5.0 * D) * torch.tanh(5.0 * P)) * D.square()).sum()
+        assert rel(learner.extra_loss(), want_loss) < 1e-5
+        y, base = layer(x), layer.base_layer(x)
+        assert torch.equal(y[..., :DIM], base[..., :DIM])
+        want = base.to(F64)[..., DIM:] + x.to(F64) @ (P + D).t()
+        assert rel(y[..., DIM:], want) < 1e-5
+        learner.end_task(f"t{t}")
+        P = magnitude_merge(P, D)
+        assert rel(layer.prev_delta, P) < 1e-6
+    full = layer.delta_weight("t1")
+    assert not full[:DIM].any() and full.shape == (3 * DIM, DIM)
+    learner.set_task("t1")
+    out = model(x)
+    save_adapters(model, str(tmp_path))
+    fresh = ViT(depth=1)
+    fresh.load_state_dict(base_state)
+    load_adapters(fresh, str(tmp_path))
+    ContinualLearner(fresh, "pslora").set_task("t1")
+    assert torch.equal(fresh(x), out)

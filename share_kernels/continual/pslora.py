@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..nn.pslora_linear import PSLoRALinear
-from .method import Method, ParamCounts, register_method
+from .method import Method, ParamCounts, check_target_slices, register_method
 
 #: Rows of the update formed at a time by the merge (bounds its temporaries).
 _MERGE_CHUNK_ELEMENTS = 1 << 20
@@ -46,12 +46,15 @@ class PSLoRAConfig:
         lora_alpha: peft's LoRA alpha; the update is ``scale · B A`` with ``scale = lora_alpha / r``.
         alpha: tanh sharpness of the stability loss's sign test (>= 0; 0 makes it plain L2).
         lam: weight λ of the stability loss in ``extra_loss`` (>= 0; 0 turns it off).
+        target_slices: ``{name suffix: [[start, stop], ...]}``: adapt only these output rows of
+            the matching layers (fused projections); the other rows stay the base layer's.
     """
 
     r: int = 8
     lora_alpha: float = 8.0
     alpha: float = 100.0
     lam: float = 0.1
+    target_slices: Optional[dict] = None
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -62,6 +65,7 @@ class PSLoRAConfig:
             if bad or v < 0 or (strict and v == 0):
                 raise ValueError(f"PSLoRAConfig.{name} must be a finite number {'>' if strict else '>='} 0; got {v!r}")
             setattr(self, name, float(v))
+        self.target_slices = check_target_slices(self.target_slices, "PSLoRAConfig.target_slices")
 
     @property
     def scale(self) -> float:
@@ -177,6 +181,7 @@ class PSLoRAMethod(Method):
     def __init__(self, layers: dict[str, PSLoRALinear], config: PSLoRAConfig):
         super().__init__(layers, config)
         self.check_layers_match({"r": "requested_r", "lora_alpha": "lora_alpha"})
+        self.check_slices_match()
         for layer in layers.values():
             # Loss hyperparameters change no stored tensor: the config's win.
             layer.alpha, layer.lam = config.alpha, config.lam
@@ -191,6 +196,8 @@ class PSLoRAMethod(Method):
     ) -> ParamCounts:
         """Per task ``r (d_in + d_out)`` trained and stored (the task's factors); shared: the
         merged history, ``d_in · d_out``."""
+        if layer is not None:
+            d_out = layer.adapted_out  # the adapted rows of a sliced layer
         r = layer.r if layer is not None else min(config.r, d_in, d_out)
         return ParamCounts(r * (d_in + d_out), r * (d_in + d_out), d_in * d_out)
 

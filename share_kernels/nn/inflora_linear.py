@@ -341,7 +341,7 @@ class InfLoRALinear(TaskLayer):
             raise ValueError(f"folded_delta must be present exactly when n_folded > 0; n_folded is {n_folded}")
         if delta is not None and delta.shape != (self.adapted_out, self.in_features):
             raise ValueError(
-                f"folded_delta: expected (n_a={self.adapted_out}, d_in={self.in_features}); got {tuple(delta.shape)}"
+                f"folded_delta: expected ({'d_out' if self.out_slices is None else 'n_a'}={self.adapted_out}, d_in={self.in_features}); got {tuple(delta.shape)}"
             )
         expected = {"A": (self.adapted_out, self.r), "B": (self.r, self.in_features)}
         for t, tensors in tasks.items():
