@@ -145,7 +145,7 @@ def check_target_slices(ts: Any, where: str) -> Optional[dict]:
         return None
     if not isinstance(ts, dict) or not ts or not all(isinstance(k, str) and k for k in ts):
         raise ValueError(f"{where} must be a non-empty dict {{name suffix: [[start, stop], ...]}}; got {ts!r}")
-    return {k: check_out_slices(v, 1 << 62, f"{where}[{k!r}]") for k, v in ts.items()}
+    return {k: check_out_slices(v, None, f"{where}[{k!r}]") for k, v in ts.items()}
 
 
 def slices_for(ts: Optional[dict], name: str) -> Optional[list]:

@@ -55,9 +55,9 @@ class TaskLayer(nn.Module):
 # ------------------------------------------------------------------ output slices of a fused projection
 
 
-def check_out_slices(out_slices, d_out: int, where: str = "InfLoRALinear") -> Optional[list[list[int]]]:
-    """``out_slices`` as sorted, disjoint ``[start, stop]`` lists within [0, d_out] (None: all rows);
-    ValueError naming the slice and d_out otherwise."""
+def check_out_slices(out_slices, d_out: Optional[int], where: str = "InfLoRALinear") -> Optional[list[list[int]]]:
+    """``out_slices`` as sorted, disjoint ``[start, stop]`` lists within [0, d_out] (None: all rows;
+    ``d_out`` None: no upper bound yet); ValueError naming the slice and d_out otherwise."""
     if out_slices is None:
         return None
     if isinstance(out_slices, (str, bytes)) or not isinstance(out_slices, Sequence) or not out_slices:
@@ -65,8 +65,9 @@ def check_out_slices(out_slices, d_out: int, where: str = "InfLoRALinear") -> Op
     out = []
     for sl in out_slices:
         ok = isinstance(sl, Sequence) and len(sl) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in sl)
-        if not ok or not 0 <= sl[0] < sl[1] <= d_out:
-            raise ValueError(f"{where}: out_slices entry {sl!r} must be [start, stop] ints with 0 <= start < stop <= d_out={d_out}")
+        if not ok or not 0 <= sl[0] < sl[1] or (d_out is not None and sl[1] > d_out):
+            bound = "" if d_out is None else f" <= d_out={d_out}"
+            raise ValueError(f"{where}: out_slices entry {sl!r} must be [start, stop] ints with 0 <= start < stop{bound}")
         out.append([int(sl[0]), int(sl[1])])
     out.sort()
     for a, b in zip(out, out[1:]):
