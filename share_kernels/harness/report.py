@@ -183,6 +183,7 @@ def write_long_png(results: dict, path: str) -> None:
                 ax.plot(range(1, len(ys) + 1), ys, style, marker=".", label=f"{name} {what}: {layer}")
     ax.set_title("per adapted layer: Share's k, InfLoRA's protected input dimension")
     ax.set_xlabel("tasks trained")
+    ax.set_xticks(range(1, T + 1, max(1, T // 10)))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
     ax = axes[1][1]
@@ -193,6 +194,7 @@ def write_long_png(results: dict, path: str) -> None:
     ax.set_yscale("log")
     ax.set_title("stored adapter bytes after each task (heads excluded)")
     ax.set_xlabel("tasks trained")
+    ax.set_xticks(range(1, T + 1, max(1, T // 10)))
     ax.set_ylabel("KB")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
