@@ -98,9 +98,7 @@ class Method(abc.ABC):
             want = slices_for(ts, n)
             if getattr(layer, "out_slices", None) != want:
                 raise ValueError(f"layer {n!r} was built with out_slices={layer.out_slices}; the config says {want}")
-        unused = [k for k in ts or {} if not any(_suffix(n, k) for n in self.layers)]
-        if unused:
-            raise ValueError(f"target_slices: {unused} match no adapted layer (adapted: {list(self.layers)[:8]})")
+        check_slice_keys(self.config, list(self.layers))
 
     @classmethod
     @abc.abstractmethod
@@ -146,6 +144,14 @@ def check_target_slices(ts: Any, where: str) -> Optional[dict]:
     if not isinstance(ts, dict) or not ts or not all(isinstance(k, str) and k for k in ts):
         raise ValueError(f"{where} must be a non-empty dict {{name suffix: [[start, stop], ...]}}; got {ts!r}")
     return {k: check_out_slices(v, None, f"{where}[{k!r}]") for k, v in ts.items()}
+
+
+def check_slice_keys(config: Any, names: list[str]) -> None:
+    """ValueError naming the ``target_slices`` keys of ``config`` that match none of ``names``."""
+    ts = getattr(config, "target_slices", None) or {}
+    unused = [k for k in ts if not any(_suffix(n, k) for n in names)]
+    if unused:
+        raise ValueError(f"target_slices: {unused} match no adapted layer (adapted: {names[:8]})")
 
 
 def slices_for(ts: Optional[dict], name: str) -> Optional[list]:

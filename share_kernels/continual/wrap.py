@@ -9,7 +9,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .method import Method, get_method, make_config, method_of_config, method_of_layer
+from .method import Method, check_slice_keys, get_method, make_config, method_of_config, method_of_layer
 
 TargetModules = Union[str, Sequence[str]]
 
@@ -114,6 +114,7 @@ def wrap(model: nn.Module, method: str, target_modules: TargetModules, **cfg) ->
             f"the model is already wrapped ({len(existing)} adapter layers, e.g. {next(iter(existing))!r})"
         )
     names = match_linear_layers(model, target_modules)
+    check_slice_keys(config, names)
     replace_linears(model, method_cls.layer_cls, {n: method_cls.layer_kwargs_for(config, n) for n in names})
     model.requires_grad_(False)
     setattr(model, CONFIG_ATTR, config)
