@@ -19,6 +19,11 @@ and ``B_t`` gets zero rows: the task cannot learn through that layer. ``begin_ta
 once (:class:`InfLoRASaturationWarning`, naming the layers, their protected dimension and the
 directions they got) and the :class:`InfLoRAReport` of ``end_task`` lists them.
 
+PS-LoRA as a plug-in (``stability=``): ``extra_loss`` adds PS-LoRA's ``stability_loss`` of the
+trained ``A_t`` against the earlier tasks' accumulated update, and with ``merge`` finished
+branches are magnitude-merged instead of summed. ``target_slices`` adapts output row ranges of
+fused projections (the k and v thirds of a ViT's qkv).
+
 Energy: ``energy="covariance"`` (default, the official code) measures a direction by the square
 of the covariance's singular value (σ⁴ of the data) and treats C as the representation
 (residual ``R = P C``); ``energy="data"`` measures it by the covariance's eigenvalue (σ² of the
@@ -514,8 +519,10 @@ class InfLoRAMethod(Method):
 
     ``begin_task(name, batches)`` designs ``B_t`` per layer from the task's inputs (batches are
     required); ``end_task(name, batches)`` updates the DualGPM memory from the trained model's
-    inputs and returns an :class:`InfLoRAReport`. ``extra_loss`` is 0. The forward needs no task
-    id: every branch up to the selected task is active (``set_task`` picks how far).
+    inputs and returns an :class:`InfLoRAReport`. ``extra_loss`` is 0, or PS-LoRA's stability
+    loss with ``stability``. The forward needs no task id: every branch up to the selected task
+    is active (``set_task`` picks how far; with the magnitude merge, every finished task runs
+    the merged model).
     """
 
     name = "inflora"
