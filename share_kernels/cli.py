@@ -21,7 +21,7 @@ EPILOG = "Run 'share-kernels COMMAND --help' for a command's options. Docs: READ
 # `share-kernels continual` defaults: the same values as harness.run.HarnessConfig (a test checks),
 # written here so that --help does not import torch.
 CONTINUAL_DEFAULTS = dict(
-    methods=("share", "inflora", "pslora", "seq-lora", "per-task-lora", "joint"),
+    methods=("share", "inflora", "pslora", "inflora+pslora", "seq-lora", "per-task-lora", "joint"),
     tasks=("bbc", "sentiment", "language", "chat-a", "chat-b"),
     epochs=2, batch_size=16, lr=1e-2, train_per_class=64, test_per_class=48, max_length=32,
     layers=(4, 5), targets=("query", "value"), rank=8, seed=0, dtype="float32", head_loss="own",
@@ -137,8 +137,9 @@ def continual_arguments(p: argparse.ArgumentParser) -> None:
                    "(old heads frozen)")
     p.add_argument("--option", action="append", default=[], metavar="METHOD.NAME=VALUE",
                    help="a method's config field, e.g. share.k=16 (repeatable)")
-    p.add_argument("--preset", choices=["default", "tiny"], default="default",
-                   help="tiny: 2 tasks, a few texts (tests)")
+    p.add_argument("--preset", choices=["default", "tiny", "long20"], default="default",
+                   help="tiny: 2 tasks, a few texts (tests); long20: the 20-task stream, 32 train / 24 test texts "
+                   "per class")
     p.add_argument("--out", default="continual-out",
                    help="directory for results.json and results.png (default continual-out)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")

@@ -28,7 +28,9 @@ from share_kernels.harness.run import TINY
 
 # every registered continual method (share, and inflora / pslora once they are registered)
 REGISTERED = sorted(m for m in _METHODS if m in ("share", "inflora", "pslora")) or ["share"]
-TINY_METHODS = [*REGISTERED, *BASELINES]
+# compositions of registered methods (InfLoRA with PS-LoRA's stability loss and merge)
+COMPOSED = ["inflora+pslora"] if "inflora" in REGISTERED else []
+TINY_METHODS = [*REGISTERED, *COMPOSED, *BASELINES]
 
 
 # ------------------------------------------------------------------ data
@@ -201,6 +203,32 @@ def test_tiny_run_end_to_end_invariants(tiny_results):
     cfg = tiny_config()
     check_invariants(results, cfg)
     json.dumps(results)  # JSON-able as is
+    if COMPOSED:
+        both, inf = results["methods"]["inflora+pslora"], results["methods"]["inflora"]
+        assert both["config"]["stability"] == {"lam": 0.1, "alpha": 100.0, "merge": True}
+        assert inf["config"]["stability"] is None
+        # the same branches are stored; the merged history replaces the sum (one d_out x d_in per layer)
+        assert both["stored_bytes_per_task"] == inf["stored_bytes_per_task"]
+        assert both["shared_bytes"] == inf["shared_bytes"] + 4 * 384 * 384 * len(cfg.layers) * len(cfg.targets)
+        assert both["task_incremental"]["matrix"] != inf["task_incremental"]["matrix"] or both["losses"] != inf["losses"]
+
+
+def test_composed_method_options():
+    from share_kernels.harness.backbone import TopEncoder
+    from share_kernels.harness.methods import make_runner
+    from share_kernels.harness.run import _parse_options
+
+    if not COMPOSED:
+        pytest.skip("InfLoRA is not registered")
+    opts = _parse_options(["inflora+pslora.lam=0.5", "inflora+pslora.merge=false", "inflora+pslora.threshold=0.9"])
+    from transformers import BertConfig, BertModel
+
+    bert = BertModel(BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32))
+    top = TopEncoder(bert, 1)
+    runner = make_runner("inflora+pslora", top, r"layers\.0\..*\.(query)", 4, opts["inflora+pslora"], 3)
+    cfg = runner.learner.config
+    assert runner.name == "inflora+pslora" and cfg.r == 4 and cfg.total_tasks == 3 and cfg.threshold == 0.9
+    assert cfg.stability.lam == 0.5 and not cfg.stability.merge and cfg.stability.alpha == 100.0
 
 
 def test_cli_writes_json_png_and_table(tmp_path, capsys):
@@ -271,3 +299,43 @@ def test_ddp_two_processes_match_one(tmp_path):
         la, lb = list(itertools.chain(*a["losses"])), list(itertools.chain(*b["losses"]))
         assert len(la) == len(lb) > 0
         torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=1e-9, atol=1e-12, msg=m)
+
+
+# ------------------------------------------------------------------ the long stream
+
+
+def test_long_stream_has_20_tasks_with_disjoint_classes_and_its_own_registry():
+    from share_kernels.harness.data import LONG_TASKS
+
+    tasks = load_tasks(LONG_TASKS, train_per_class=4, test_per_class=3, seed=0)
+    assert len(tasks) == 20 and all(2 <= t.num_classes <= 3 for t in tasks)
+    owner = {}
+    for t in tasks:
+        for text in t.train_texts + t.test_texts:
+            assert owner.setdefault(text, t.name) == t.name, (text, owner[text], t.name)
+    # the default stream's corpora overlap the long stream's (same languages): no mixing
+    with pytest.raises(ValueError, match="mix"):
+        load_tasks(["bbc", "news-a"], 4, 3)
+
+
+def test_long_stream_run_records_k_protected_dims_and_bytes_after_every_task(tmp_path):
+    from share_kernels.harness.data import LONG_TASKS
+    from share_kernels.harness.report import write_png
+
+    methods = ["share", "inflora", "per-task-lora"]
+    cfg = tiny_config(tasks=LONG_TASKS[:9], methods=methods, train_per_class=2, test_per_class=2)
+    results = run_continual(cfg, progress=False)
+    T = 9
+    for m in methods:
+        r = results["methods"][m]
+        after = r["after_task"]
+        assert len(after) == T and after[-1]["stored_bytes"] == r["stored_bytes_total"]
+        assert all(a["stored_bytes"] <= b["stored_bytes"] for a, b in zip(after, after[1:]))
+    sh = results["methods"]["share"]["after_task"]
+    assert all(set(a["k"]) == {"layers.0.attention.self.query", "layers.0.attention.self.value"} for a in sh)
+    assert all(v == 16 for a in sh[1:] for v in a["k"].values())  # fixed k once the subspace exists
+    inf = results["methods"]["inflora"]["after_task"]
+    assert all(a["protected"][n] <= b["protected"][n] for a, b in zip(inf, inf[1:]) for n in a["protected"])
+    assert all(0 <= v <= cfg.rank for a in inf for v in a["directions"].values())
+    write_png(results, str(tmp_path / "long.png"))
+    assert (tmp_path / "long.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

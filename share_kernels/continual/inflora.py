@@ -10,8 +10,19 @@ Per adapted layer (:class:`~share_kernels.nn.InfLoRALinear`), with C the layer's
    1/√3). Since ``B_t`` lies outside the memory, ``x B_tᵀ ≈ 0`` for old tasks' inputs, so
    training ``A_t`` barely moves old tasks' outputs.
 2. ``end_task``: run the trained model on the batches again and update the memory
-   (:class:`DualGPM`) with the threshold ``ε_t = λ + (1 − λ) · min(t, T) / T`` (t = 0 for the
-   first task, T the planned number of tasks).
+   (:class:`DualGPM`) with the threshold ``ε_t = λ_b + (λ_e − λ_b) · min(t, T) / T`` (t = 0 for
+   the first task, T the planned number of tasks; λ_b = ``threshold``, λ_e = ``threshold_end``,
+   official defaults 0.95 and 1).
+
+Saturation: once a layer's protected space covers (numerically) all of its inputs, ``P C`` is 0
+and ``B_t`` gets zero rows: the task cannot learn through that layer. ``begin_task`` then warns
+once (:class:`InfLoRASaturationWarning`, naming the layers, their protected dimension and the
+directions they got) and the :class:`InfLoRAReport` of ``end_task`` lists them.
+
+PS-LoRA as a plug-in (``stability=``): ``extra_loss`` adds PS-LoRA's ``stability_loss`` of the
+trained ``A_t`` against the earlier tasks' accumulated update, and with ``merge`` finished
+branches are magnitude-merged instead of summed. ``target_slices`` adapts output row ranges of
+fused projections (the k and v thirds of a ViT's qkv).
 
 Energy: ``energy="covariance"`` (default, the official code) measures a direction by the square
 of the covariance's singular value (σ⁴ of the data) and treats C as the representation
@@ -35,6 +46,7 @@ Where this differs from the official code, deliberately:
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Sequence
@@ -45,7 +57,8 @@ from torch import Tensor
 
 from ..nn.inflora_linear import DEFAULT_SCALE, InfLoRALinear
 from ..ops.project_complement import project_complement, project_complement_grouped
-from .method import Method, ParamCounts, register_method
+from .method import Method, ParamCounts, check_target_slices, register_method
+from .pslora import StabilityConfig, magnitude_merge
 
 ENERGIES = ("covariance", "data")
 
@@ -58,20 +71,34 @@ class InfLoRAConfig:
         r: rank of each task's branch (official 10); also the LoRA rank ``adapter_stats``
             compares with.
         scale: norm of ``B_t``'s rows (official 1/√3).
-        threshold: λ, the memory's energy threshold for the first task (official 0.95; 0.98 for
-            ImageNet-R); it rises linearly to 1 at task T.
+        threshold: λ_b, the memory's energy threshold for the first task (official 0.95; 0.98 for
+            ImageNet-R); it rises linearly to ``threshold_end`` at task T.
+        threshold_end: λ_e, the threshold from task T on (official 1.0; must be >= ``threshold``).
+            Below 1 the memory stops growing towards the full input space, leaving room for
+            streams longer than T.
         total_tasks: T, the planned number of tasks.
         energy: ``"covariance"`` (official: σ² of the covariance) or ``"data"`` (σ² of the inputs).
         fold: merge each finished task's branch into the layer's folded delta at ``end_task``,
             so the forward keeps one branch's cost (at the price of a d_out x d_in buffer per layer).
+        stability: PS-LoRA on top of InfLoRA (:class:`~share_kernels.continual.pslora.StabilityConfig`,
+            a dict of its fields, or True for its defaults): ``extra_loss`` becomes
+            ``lam · Σ_layers stability_loss`` of the trained ``A_t`` against the earlier tasks'
+            accumulated update, and with ``merge`` finished tasks are magnitude-merged instead of
+            summed. Implies folding (the accumulated update is the loss's operand).
+        target_slices: ``{name suffix: [[start, stop], ...]}``: adapt only these output rows of the
+            matching layers (fused projections: ``{"qkv": [[dim, 3 * dim]]}`` adapts the k and v
+            thirds of a ViT's qkv); the other rows stay the base layer's, bit for bit.
     """
 
     r: int = 10
     scale: float = DEFAULT_SCALE
     threshold: float = 0.95
+    threshold_end: float = 1.0
     total_tasks: int = 10
     energy: str = "covariance"
     fold: bool = False
+    stability: Optional[StabilityConfig] = None
+    target_slices: Optional[dict] = None
 
     def __post_init__(self):
         for name in ("r", "total_tasks"):
@@ -86,14 +113,30 @@ class InfLoRAConfig:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0:
             raise ValueError(f"InfLoRAConfig.threshold must lie in (0, 1]; got {t!r}")
         self.threshold = float(t)
+        te = self.threshold_end
+        if isinstance(te, bool) or not isinstance(te, (int, float)) or not 0.0 < te <= 1.0:
+            raise ValueError(f"InfLoRAConfig.threshold_end must lie in (0, 1]; got {te!r}")
+        if te < self.threshold:
+            raise ValueError(
+                f"InfLoRAConfig.threshold_end ({te!r}) must be >= threshold ({self.threshold!r}): the schedule rises"
+            )
+        self.threshold_end = float(te)
         if self.energy not in ENERGIES:
             raise ValueError(f"InfLoRAConfig.energy must be one of {list(ENERGIES)}; got {self.energy!r}")
         if not isinstance(self.fold, bool):
             raise ValueError(f"InfLoRAConfig.fold must be a bool; got {self.fold!r}")
+        self.stability = StabilityConfig.coerce(self.stability, "InfLoRAConfig.stability")
+        self.target_slices = check_target_slices(self.target_slices, "InfLoRAConfig.target_slices")
+
+    @property
+    def merge(self) -> str:
+        """How finished branches combine in the layers: ``"magnitude"`` with PS-LoRA's merge on."""
+        return "magnitude" if self.stability is not None and self.stability.merge else "sum"
 
     def threshold_at(self, t: int) -> float:
-        """``ε_t = λ + (1 − λ) · min(t, T) / T`` for the task with index t (0 = first)."""
-        return self.threshold + (1.0 - self.threshold) * min(t, self.total_tasks) / self.total_tasks
+        """``ε_t = λ_b + (λ_e − λ_b) · min(t, T) / T`` for the task with index t (0 = first)."""
+        lb, le = self.threshold, self.threshold_end
+        return lb + (le - lb) * min(t, self.total_tasks) / self.total_tasks
 
 
 # ------------------------------------------------------------------------- the memory
@@ -401,24 +444,73 @@ def input_covariances(
 # ------------------------------------------------------------------------- the method
 
 
+class InfLoRASaturationWarning(UserWarning):
+    """A layer's free input space gave a task fewer directions than r (zero rows of ``B_t``)."""
+
+
 @dataclass
 class InfLoRAReport:
-    """What ``end_task`` did to every layer's memory (:class:`GPMUpdate` by layer name)."""
+    """What ``end_task`` did to every layer's memory (:class:`GPMUpdate` by layer name).
+
+    ``directions``: per layer, how many nonzero rows the task's ``B_t`` had (of r);
+    ``saturated``: the layers where that was 0 (the task learned nothing there).
+    ``replaced``: with PS-LoRA's magnitude merge on, per layer the fraction of the history's
+    entries taken from this task (empty otherwise)."""
 
     after: str
     threshold: float
     layers: dict[str, GPMUpdate] = field(default_factory=dict)
+    directions: dict[str, int] = field(default_factory=dict)
+    r: int = 0
+    replaced: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def saturated(self) -> list[str]:
+        return [n for n, k in self.directions.items() if k == 0]
 
     def __str__(self) -> str:
         ups = list(self.layers.values())
         mem = [u.memory_after for u in ups]
         retain = sum(u.mode_after == "retain" for u in ups)
         cap = [u.captured_after for u in ups]
-        return (
+        out = (
             f"DualGPM after {self.after!r} (ε = {self.threshold:.4g}): {len(ups)} layers, protected dims "
             f"{min(mem, default=0)}..{max(mem, default=0)}, {retain} in retain mode, captured energy "
             f"{min(cap, default=1):.4f}..{max(cap, default=1):.4f}"
         )
+        short = [n for n, k in self.directions.items() if k < self.r]
+        if short:
+            sat = self.saturated
+            out += (
+                f"; B_t got fewer than r={self.r} directions in {len(short)} layer(s)"
+                + (f", none in {len(sat)} (saturated: {', '.join(sat[:4])}{', ...' if len(sat) > 4 else ''})" if sat else "")
+            )
+        if self.replaced:
+            vals = list(self.replaced.values())
+            out += f"; magnitude merge took {sum(vals) / len(vals):.3%} of entries from the task"
+        return out
+
+
+def _warn_short(task: str, layers: Mapping[str, InfLoRALinear], got: Mapping[str, int], r: int) -> None:
+    """One warning naming every layer whose ``B_t`` got fewer than r directions."""
+    short = [n for n in layers if got[n] < r]
+    if not short:
+        return
+    sat = [n for n in short if got[n] == 0]
+    shown = "; ".join(
+        f"{n}: {got[n]}/{r} directions, protected {layers[n].memory_dim}/{layers[n].in_features}" for n in short[:6]
+    ) + (f"; ... ({len(short)} layers in all)" if len(short) > 6 else "")
+    what = (
+        f"{len(sat)} layer(s) have no free direction left for task {task!r} (saturated: it learns nothing there)"
+        if sat
+        else f"task {task!r} gets fewer than r={r} directions in {len(short)} layer(s)"
+    )
+    warnings.warn(
+        f"InfLoRA: {what}: {shown}. The memory holds the input space of the earlier tasks; to keep room, "
+        "raise total_tasks to the stream's real length, or lower threshold / threshold_end.",
+        InfLoRASaturationWarning,
+        stacklevel=4,  # the caller of ContinualLearner.begin_task
+    )
 
 
 @register_method
@@ -427,8 +519,10 @@ class InfLoRAMethod(Method):
 
     ``begin_task(name, batches)`` designs ``B_t`` per layer from the task's inputs (batches are
     required); ``end_task(name, batches)`` updates the DualGPM memory from the trained model's
-    inputs and returns an :class:`InfLoRAReport`. ``extra_loss`` is 0. The forward needs no task
-    id: every branch up to the selected task is active (``set_task`` picks how far).
+    inputs and returns an :class:`InfLoRAReport`. ``extra_loss`` is 0, or PS-LoRA's stability
+    loss with ``stability``. The forward needs no task id: every branch up to the selected task
+    is active (``set_task`` picks how far; with the magnitude merge, every finished task runs
+    the merged model).
     """
 
     name = "inflora"
@@ -439,20 +533,26 @@ class InfLoRAMethod(Method):
 
     def __init__(self, layers: dict[str, InfLoRALinear], config: InfLoRAConfig):
         super().__init__(layers, config)
-        self.check_layers_match({"r": "r", "scale": "scale"})
+        self.check_layers_match({"r": "r", "scale": "scale", "merge": "merge"})
+        self.check_slices_match()
 
     @classmethod
     def layer_kwargs(cls, config: InfLoRAConfig) -> dict:
-        return {"r": config.r, "scale": config.scale}
+        kw = {"r": config.r, "scale": config.scale}
+        if config.merge != "sum":
+            kw["merge"] = config.merge
+        return kw
 
     @classmethod
     def param_counts(
         cls, d_in: int, d_out: int, config: InfLoRAConfig, layer: Optional[InfLoRALinear] = None
     ) -> ParamCounts:
         """Trained per task: ``A_t``, ``d_out r``. Stored per task: ``A_t`` and ``B_t``,
-        ``r (d_in + d_out)``. Shared: the memory's stored columns ``d_in m`` and the folded
+        ``r (d_in + d_out)`` (d_out: the adapted rows of a sliced layer). Shared: the memory's stored columns ``d_in m`` and the folded
         delta ``d_out d_in`` when present (0 when only shapes are known)."""
         r = config.r if layer is None else layer.r
+        if layer is not None:
+            d_out = layer.adapted_out
         shared = 0
         if layer is not None:
             shared = layer.memory.numel() + (layer.folded_delta.numel() if layer.folded_delta is not None else 0)
@@ -496,9 +596,11 @@ class InfLoRAMethod(Method):
         own = [i for i in range(len(rep)) if rep[i] == i]
         projected = dict(zip(own, project_all([mems[i] for i in own], [covs[i] for i in own], self.grouped)))
         rows = {i: design_rows(projected[i], mems[i], self.config.r, self.config.scale) for i in own}
+        got = {i: int(rows[i].any(1).sum()) for i in own}
         for i, layer in enumerate(self.layers.values()):
             layer.add_task(name, rows[rep[i]])
             layer.set_task(name)
+        _warn_short(name, self.layers, {n: got[rep[i]] for i, n in enumerate(self.layers)}, self.config.r)
 
     def end_task(self, name: str, batches: Optional[Iterable] = None) -> InfLoRAReport:
         self.set_task(name)
@@ -515,14 +617,38 @@ class InfLoRAMethod(Method):
         for i, r in zip(own, res):
             first = mems[i].basis.shape[1] == 0 and not mems[i].retain
             updates[i] = mems[i].update(covs[i], eps, self.config.energy, None if first else r)
-        report = InfLoRAReport(after=name, threshold=eps)
+        report = InfLoRAReport(after=name, threshold=eps, r=self.config.r)
+        stab = self.config.stability
         for i, (lname, layer) in enumerate(self.layers.items()):
             report.layers[lname] = updates[rep[i]]
+            report.directions[lname] = int(layer.lora_B[name].detach().any(1).sum())
             mems[rep[i]].to_layer(layer)
             layer.finish_task()
-            if self.config.fold:
+            if stab is not None and stab.merge:
+                taken = [0]
+
+                def combine(prev: Tensor, new: Tensor, taken=taken) -> Tensor:
+                    merged = magnitude_merge(prev, new)
+                    taken[0] += int((merged != prev).sum())
+                    return merged
+
+                layer.fold(combine)
+                report.replaced[lname] = taken[0] / max(layer.adapted_out * layer.in_features, 1)
+            elif self.config.fold or stab is not None:
                 layer.fold()
         return report
+
+    def extra_loss(self) -> Tensor:
+        """With ``stability``: ``lam · Σ_layers stability_loss(B_t, A_t, history, alpha)`` (PS-LoRA's
+        loss on the trained ``A_t``), 0-dim fp32; else 0."""
+        stab = self.config.stability
+        if stab is None or stab.lam == 0.0:
+            return super().extra_loss()
+        total = None
+        for layer in self.layers.values():
+            term = layer.stability_loss(stab.alpha).float()
+            total = term if total is None else total + term.to(total.device)
+        return stab.lam * total
 
 
 __all__ = [
@@ -531,6 +657,7 @@ __all__ = [
     "InfLoRAConfig",
     "InfLoRAMethod",
     "InfLoRAReport",
+    "InfLoRASaturationWarning",
     "design_rows",
     "input_covariances",
     "project_all",

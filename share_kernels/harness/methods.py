@@ -11,7 +11,9 @@ expose one interface to the loop:
   ``use_latest()``: without a task id (class-incremental): the state after the latest task;
   ``class_incremental`` is False for a runner that cannot predict without a task id;
   ``task_states`` is False when every task uses the same adapter state (one shared LoRA);
-- ``stats()``: parameter and storage accounting of the adapters (heads counted separately).
+- ``stats()``: parameter and storage accounting of the adapters (heads counted separately);
+  ``boundary(n)``: after the n-th task, the stored bytes and per-layer state (Share's k,
+  InfLoRA's protected dimension and the directions its last ``B_t`` got).
 
 Registered methods (Share, InfLoRA, PS-LoRA, ...) run through
 :class:`~share_kernels.continual.ContinualLearner` and nothing else, so a method works here as
@@ -31,8 +33,13 @@ from .backbone import TopEncoder
 
 #: the baselines, trained through HF peft LoRA
 BASELINES = ("seq-lora", "per-task-lora", "joint")
+#: compositions run as one method: name -> (registered method, the config field that holds the
+#: plug-in's options); ``--option inflora+pslora.lam=...`` sets a plug-in option (lam, alpha, merge)
+COMPOSED = {"inflora+pslora": ("inflora", "stability")}
+#: the plug-in's options (PS-LoRA's :class:`~share_kernels.continual.pslora.StabilityConfig`)
+_STABILITY_OPTIONS = ("lam", "alpha", "merge")
 #: every method the command knows; continual methods are looked up in the registry at run time
-ALL_METHODS = ("share", "inflora", "pslora", *BASELINES)
+ALL_METHODS = ("share", "inflora", "pslora", "inflora+pslora", *BASELINES)
 
 
 @dataclass
@@ -96,8 +103,8 @@ class ContinualRunner:
     task_states = True
     joint = False
 
-    def __init__(self, method: str, top: TopEncoder, regex: str, cfg: dict):
-        self.name = method
+    def __init__(self, method: str, top: TopEncoder, regex: str, cfg: dict, name: Optional[str] = None):
+        self.name = name or method
         self.model = top
         self.learner = ContinualLearner(top, method=method, target_modules=regex, **cfg)
 
@@ -111,7 +118,18 @@ class ContinualRunner:
         return self.learner.extra_loss()
 
     def end_task(self, name: str, batches: Optional[Iterable] = None) -> Any:
-        return self.learner.end_task(name, batches)
+        self.last_report = self.learner.end_task(name, batches)
+        return self.last_report
+
+    def boundary(self, n_tasks: int) -> dict:
+        out: dict = {"stored_bytes": self.stats().total_bytes(n_tasks)}
+        layers = self.learner.layers
+        if all(isinstance(getattr(m, "k", None), int) for m in layers.values()):  # Share
+            out["k"] = {n: m.k for n, m in layers.items()}
+        if all(hasattr(m, "memory_dim") for m in layers.values()):  # InfLoRA
+            out["protected"] = {n: m.memory_dim for n, m in layers.items()}
+            out["directions"] = dict(getattr(self.last_report, "directions", {}))
+        return out
 
     def use_task(self, name: str) -> None:
         self.learner.set_task(name)
@@ -184,6 +202,9 @@ class LoRARunner:
             raise ValueError("per-task-lora needs a task id")
         self._activate(self._adapter(self.tasks[-1]), train=False)
 
+    def boundary(self, n_tasks: int) -> dict:
+        return {"stored_bytes": self.stats().total_bytes(n_tasks)}
+
     def stats(self) -> AdapterCounts:
         per = self._per_layer
         if self.name == "per-task-lora":
@@ -198,5 +219,12 @@ def make_runner(method: str, top: TopEncoder, regex: str, rank: int, overrides: 
         if overrides:
             raise ValueError(f"{method} takes no method options; got {overrides}")
         return LoRARunner(method, top, regex, rank)
+    if method in COMPOSED:
+        # e.g. inflora+pslora: InfLoRA with PS-LoRA's stability loss and magnitude merge on A_t
+        base, field = COMPOSED[method]
+        over = dict(overrides or {})
+        plug = {k: over.pop(k) for k in _STABILITY_OPTIONS if k in over}
+        cfg = {**method_defaults(base, rank, n_tasks), field: plug, **over}
+        return ContinualRunner(base, top, regex, cfg, name=method)
     cfg = {**method_defaults(method, rank, n_tasks), **(overrides or {})}
     return ContinualRunner(method, top, regex, cfg)

@@ -137,8 +137,73 @@ def write_json(results: dict, path: str) -> None:
     atomic_write(path, json.dumps(results, indent=2).encode())
 
 
+def _save(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_long_png(results: dict, path: str) -> None:
+    """Long streams: mean accuracy over the tasks seen after each task (both protocols), Share's
+    k and InfLoRA's protected input dimension per layer over the stream, and every method's
+    total stored adapter bytes after each task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = {n: r for n, r in results["methods"].items() if r["status"] == "ok"}
+    T = len(results["tasks"])
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    for ax, protocol in zip(axes[0], ("task_incremental", "class_incremental")):
+        for name, r in ok.items():
+            s = r[protocol]
+            if s is None:
+                continue
+            pts = [(i + 1, 100 * v) for i, v in enumerate(s["curve"]) if v is not None]
+            ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+        ax.set_title(protocol.replace("_", "-") + ": mean accuracy over tasks seen")
+        ax.set_xlabel("tasks trained")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_xticks(range(1, T + 1, max(1, T // 10)))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax = axes[1][0]
+    for name, r in ok.items():
+        for key, style, what in (("k", "-", "k"), ("protected", ":", "protected dim")):
+            per = [a.get(key) for a in r.get("after_task") or []]
+            if not per or per[0] is None:
+                continue
+            for layer in per[0]:
+                ys = [p[layer] for p in per]
+                ax.plot(range(1, len(ys) + 1), ys, style, marker=".", label=f"{name} {what}: {layer}")
+    ax.set_title("per adapted layer: Share's k, InfLoRA's protected input dimension")
+    ax.set_xlabel("tasks trained")
+    ax.set_xticks(range(1, T + 1, max(1, T // 10)))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    ax = axes[1][1]
+    for name, r in ok.items():
+        per = [a["stored_bytes"] / 1e3 for a in r.get("after_task") or []]
+        if per and len(per) == T:
+            ax.plot(range(1, T + 1), per, marker="o", ms=3, label=name)
+    ax.set_yscale("log")
+    ax.set_title("stored adapter bytes after each task (heads excluded)")
+    ax.set_xlabel("tasks trained")
+    ax.set_xticks(range(1, T + 1, max(1, T // 10)))
+    ax.set_ylabel("KB")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 def write_png(results: dict, path: str) -> None:
-    """Accuracy after each task per method (both protocols) and the accuracy-matrix heatmaps."""
+    """Accuracy after each task per method (both protocols) and the accuracy-matrix heatmaps;
+    streams of more than 8 tasks get :func:`write_long_png` instead."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,6 +212,8 @@ def write_png(results: dict, path: str) -> None:
     ok = {n: r for n, r in results["methods"].items() if r["status"] == "ok"}
     names = [t["name"] for t in results["tasks"]]
     T = len(names)
+    if T > 8:
+        return write_long_png(results, path)
     n = max(len(ok), 1)
     fig = plt.figure(figsize=(max(10, 3.2 * n), 12.5))
     grid = fig.add_gridspec(3, max(n, 2))
@@ -187,8 +254,4 @@ def write_png(results: dict, path: str) -> None:
             ax.set_xlabel("evaluated on task j", fontsize=7)
             if col == 0:
                 ax.set_ylabel("after task i", fontsize=7)
-    fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(fig, path)

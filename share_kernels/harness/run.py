@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from .backbone import encode_bottom, load_backbone, TopEncoder
-from .data import DEFAULT_TASKS, load_tasks
+from .data import DEFAULT_TASKS, LONG_TASKS, load_tasks
 from .loop import Dist, LoopConfig, MethodResult, TrainData, _seed, run_method
 from .methods import ALL_METHODS, BASELINES, make_runner, target_regex
 from .report import format_report, summarize, write_json, write_png
@@ -199,6 +199,9 @@ def _parse_options(items: Sequence[str]) -> dict:
 
 
 TINY = dict(tasks=("bbc", "sentiment"), train_per_class=4, test_per_class=4, epochs=1, batch_size=4, max_length=16, layers=(5,))
+#: the 20-task stream (2-3 classes a task; smaller classes than the default stream's)
+LONG20 = dict(tasks=LONG_TASKS, train_per_class=32, test_per_class=24)
+PRESETS = {"default": {}, "tiny": TINY, "long20": LONG20}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -209,7 +212,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> HarnessConfig:
-    kw = dict(TINY) if args.preset == "tiny" else {}
+    kw = dict(PRESETS[args.preset])
     for name in ("tasks", "epochs", "batch_size", "lr", "train_per_class", "test_per_class", "max_length", "layers", "targets", "rank", "seed", "dtype", "head_loss"):
         v = getattr(args, name)
         if v is not None:
