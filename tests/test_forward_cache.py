@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import share_kernels
+
 from share_kernels.continual import ContinualLearner, load_adapters, save_adapters
 from share_kernels.nn import InfLoRALinear, PSLoRALinear, ShareLinear, clear_forward_cache
 from share_kernels.nn._cache import ForwardCache, forward_cache
@@ -425,3 +427,49 @@ def test_merged_inference_is_one_linear_with_a_cached_merged_weight(monkeypatch)
         want = torch.stack([F.linear(x[i], layer.base_layer.weight, layer.base_layer.bias) if t < 0
                             else share_ref(layer, layer.tasks[t], x[i]) for i, t in enumerate(ids.tolist())])
         assert rel(layer(x, task_ids=ids), want) < 1e-12
+
+
+def test_a_value_cached_under_autocast_is_not_served_outside_it():
+    """C computed inside a bf16 autocast region is bf16: outside the region the layer must use an
+    fp32 C again (the cache keys on the autocast state), and inside it again the bf16 one."""
+    layer = share_layer()
+    layer.set_task("a")
+    layer.requires_grad_(False)
+    x = torch.randn(4, 13, dtype=torch.float32)
+    want = share_ref(layer.double(), "a", x.double())
+    layer.float()
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = layer(x)
+        full = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low2 = layer(x)
+    assert low.dtype == low2.dtype == torch.bfloat16 and full.dtype == torch.float32
+    assert rel(full, want) < 1e-5 < rel(low, want)
+    assert torch.equal(low, low2)
+
+
+def test_compiled_model_follows_task_ids_blocks():
+    """torch.compile of a Share model: outside any task_ids block one graph (fullgraph works); inside
+    a block the routed ids are used, never a graph traced without them."""
+    torch._dynamo.reset()
+    model = share_kernels.wrap(nn.Sequential(nn.Linear(13, 11, dtype=F64)), "share", ["0"], k=4, p=2)
+    layer = model[0]
+    for t in ("a", "b", "c"):
+        layer.add_task(t)
+    randomize(layer.parameters())
+    layer.set_task("a")
+    layer.requires_grad_(False)
+    compiled = torch.compile(model, backend="aot_eager")
+    x = torch.randn(3, 13, dtype=F64)
+    ids = ["b", "__base__", "c"]
+    with torch.no_grad():
+        plain = compiled(x)
+        with share_kernels.task_ids(model, ids):
+            routed = compiled(x)
+            eager_routed = model(x)
+        after = compiled(x)
+    assert rel(plain, share_ref(layer, "a", x)) < 1e-12 and torch.equal(after, plain)
+    assert torch.equal(routed, eager_routed)
+    assert rel(routed[0], share_ref(layer, "b", x[:1])[0]) < 1e-12
+    assert torch.equal(routed[1], F.linear(x[1], layer.base_layer.weight, layer.base_layer.bias))

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from share_kernels.continual import ContinualLearner, load_adapters, magnitude_merge, save_adapters
+from share_kernels.continual import ContinualLearner, base_state_dict, load_adapters, magnitude_merge, save_adapters
 from share_kernels.continual.inflora import InfLoRAConfig, InfLoRASaturationWarning
 from share_kernels.continual.pslora import StabilityConfig
 
@@ -166,7 +166,7 @@ def test_magnitude_merge_history_and_forward_match_float64_reference(tmp_path):
     out = model(x)
     save_adapters(model, str(tmp_path))
     fresh = nn.Sequential(nn.Linear(d_in, d_out))
-    fresh.load_state_dict({k.replace("base_layer.", ""): v for k, v in model.state_dict().items() if "base_layer" in k})
+    fresh.load_state_dict(base_state_dict(model))  # the base weights, under the plain names
     load_adapters(fresh, str(tmp_path))
     assert fresh[0].merge == "magnitude" and fresh[0].n_folded == 3
     assert fresh.continual_config.stability == StabilityConfig(lam=0.1, alpha=10.0)

@@ -13,7 +13,7 @@ training forward recomputes the operand with its graph every call, as before.
 its data (keeping that storage alive, so its address cannot be reused while the entry lives) and
 its version counter ``t._version`` (bumped by every in-place op: optimizer steps, ``copy_``,
 ``load_state_dict``). It also records the layer state the operand depends on (active task, task
-list, scale). Any difference rebuilds the entry: an optimizer step, ``set_task``, ``end_task`` /
+list, scale) and the autocast state (on or off, and its dtype, per device). Any difference rebuilds the entry: an optimizer step, ``set_task``, ``end_task`` /
 consolidation (new tensors), ``load_adapters`` (new tensors), ``.to(dtype / device)`` (new data
 under the same parameter). Not seen: in-place writes through ``t.data`` (``.data`` has its own
 version counter); after such a write call :func:`clear_forward_cache`.
@@ -63,6 +63,8 @@ class ForwardCache:
         sources = tuple(sources)
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
             return compute()
+        # a value computed inside an autocast region has the region's dtype: never serve it outside
+        state = (state, _autocast_state(sources))
         entry = self._slots.get(slot)
         if entry is not None and _fresh(entry, sources, state):
             return entry[4]
@@ -93,6 +95,15 @@ class ForwardCache:
 
     def __setstate__(self, state) -> None:
         self._slots = {}
+
+
+def _autocast_state(sources: tuple) -> tuple:
+    """(device type, autocast on, its dtype) for each device the sources live on."""
+    devices = sorted({t.device.type for t in sources})
+    return tuple(
+        (d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d) if torch.is_autocast_enabled(d) else None)
+        for d in devices
+    )
 
 
 def _fresh(entry: tuple, sources: tuple, state: Hashable) -> bool:

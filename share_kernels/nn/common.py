@@ -5,6 +5,7 @@ import contextlib
 import contextvars
 import re
 import sys
+import threading
 from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -104,19 +105,34 @@ _ROUTED: contextvars.ContextVar[Mapping[nn.Module, Tensor]] = contextvars.Contex
 )
 
 
+# How many routed_task_ids blocks are open, in any thread. While none is, current_task_ids returns
+# None without reading the context variable: torch.compile cannot trace ContextVar.get, but it
+# guards on this global, so a compiled forward (fullgraph too) stays one graph when no routing is
+# in use, and is re-traced, with a graph break at the read, while some block is open: never stale.
+_OPEN_BLOCKS = 0
+_OPEN_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def routed_task_ids(per_layer: Mapping[nn.Module, Tensor]) -> Iterator[None]:
     """Within the block, in this thread / context only, ``current_task_ids(layer)`` returns
     ``per_layer[layer]`` (ids already checked); nested blocks override per layer."""
+    global _OPEN_BLOCKS
+    with _OPEN_LOCK:
+        _OPEN_BLOCKS += 1
     token = _ROUTED.set({**_ROUTED.get(), **per_layer})
     try:
         yield
     finally:
         _ROUTED.reset(token)
+        with _OPEN_LOCK:
+            _OPEN_BLOCKS -= 1
 
 
 def current_task_ids(layer: nn.Module) -> Optional[Tensor]:
     """The task ids a ``routed_task_ids`` block of this context set for ``layer``, or None."""
+    if _OPEN_BLOCKS == 0:
+        return None
     return _ROUTED.get().get(layer)
 
 
