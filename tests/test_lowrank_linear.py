@@ -326,7 +326,7 @@ def test_cuda_routing_fp32_and_unaligned_to_cublas(monkeypatch):
     monkeypatch.setattr(mop, "use_triton", lambda *ts: True)
 
     def x(dev, dtype, stride=1):
-        return SimpleNamespace(device=torch.device(dev), dtype=dtype, stride=lambda dim: stride)
+        return SimpleNamespace(device=torch.device(dev), dtype=dtype, stride=lambda dim: stride, numel=lambda: 64)
 
     U, W, V = torch.empty(64, 5), torch.empty(32, 64), torch.empty(32, 5)
     for xx, fused in [(x("cuda", torch.float32), False), (x("cuda", torch.bfloat16), True),
