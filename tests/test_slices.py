@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from share_kernels.continual import ContinualLearner, adapter_stats, load_adapters, save_adapters, wrap
+from share_kernels.continual import ContinualLearner, adapter_stats, load_adapters, save_adapters, set_task, wrap
 from share_kernels.nn import InfLoRALinear
 
 F64 = torch.float64
@@ -186,3 +186,38 @@ def test_pslora_on_kv_slices_of_a_vit_block(tmp_path):
     load_adapters(fresh, str(tmp_path))
     ContinualLearner(fresh, "pslora").set_task("t1")
     assert torch.equal(fresh(x), out)
+
+
+def test_gpt2_c_attn_kv_slices_inflora(tmp_path):
+    """GPT-2's fused c_attn (a transformers Conv1D, weight (d_in, 3 d)): InfLoRA on its k and v
+    thirds. The q third stays bit-identical to the base layer; k and v equal the float64
+    reference W + ΔW; the adapters survive a save / load into a fresh model."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=50, n_positions=16,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    fresh = transformers.GPT2LMHeadModel(cfg).eval()
+    fresh.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 50, (2, 7))
+    learner = ContinualLearner(model, "inflora", ["c_attn"], r=2, target_slices={"c_attn": [[16, 48]]})
+    learner.begin_task("t", [{"input_ids": ids}])
+    with torch.no_grad():
+        for p in learner.trainable_parameters():
+            p.add_(torch.randn_like(p))
+    learner.end_task("t", [{"input_ids": ids}])
+    learner.set_task("t")
+    layer = model.transformer.h[0].attn.c_attn
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        y = layer(x)
+        base = layer.base_layer(x)
+        want = F.linear(x.to(F64), layer.base_layer.weight.t().to(F64) + layer.delta_weight("t").to(F64),
+                        layer.base_layer.bias.to(F64))
+    assert torch.equal(y[..., :16], base[..., :16])
+    assert rel(y[..., 16:], want[..., 16:]) < 1e-5 and not torch.equal(y[..., 16:], base[..., 16:])
+    save_adapters(model, tmp_path)
+    load_adapters(fresh, tmp_path)
+    set_task(fresh, "t")
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
