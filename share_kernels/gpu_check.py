@@ -26,6 +26,7 @@ interpreter, bf16 fixed by :mod:`share_kernels.kernels.interpreter`); CI runs it
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -344,8 +345,8 @@ def _checks(device) -> list[dict]:
 
             run(f"stability_loss {dn} r={r} {d_in}x{d_out} loss+grads", st)
 
-        def pc(dtype=dtype):
-            d, n, k = 130, 77, 9
+        def pc(dtype=dtype, k=9):
+            d, n = 130, 77
             M = torch.linalg.qr(torch.randn(d, k, device=device, dtype=torch.float64))[0].to(dtype)
             X = g(d, n, dtype=dtype)
             y = project_complement(X, M)
@@ -355,6 +356,8 @@ def _checks(device) -> list[dict]:
             return _low_precision_ok([y], [project_complement_reference(X, M)], [ref])
 
         run(f"project_complement {dn} d=130 n=77 k=9", pc)
+        # k = 72: the cuBLAS route on CUDA for bf16 / fp32 (ops.project_complement.uses_cublas)
+        run(f"project_complement {dn} d=130 n=77 k=72", functools.partial(pc, k=72))
 
     def overflow():
         x = g(6, 64, dtype=torch.float16, scale=40)
