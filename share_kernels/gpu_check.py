@@ -175,8 +175,7 @@ def compile_plan(cuda: bool) -> list:
             for s in shape[:-1]:
                 M *= s
             for grouped in (False, True):
-                args, meta = aot.multi_task_launch(dt, M, shape[-1], d_out, k, T, grouped)
-                tasks += aot.plan("multi_task_linear", args, meta, f"{name} test")
+                tasks += aot.plan_multi_task(aot.multi_task_launch(dt, M, shape[-1], d_out, k, T, grouped), f"{name} test")
     for dt in (torch.bfloat16, torch.float16, torch.float32):
         for r, d_in, d_out in stab:
             for g in (False, True):
@@ -185,8 +184,8 @@ def compile_plan(cuda: bool) -> list:
     # fp16 overflow check and the graph captures
     for direction in ("fwd", "dx_t"):
         tasks += aot.plan("lowrank_linear", *aot.lowrank_launch(torch.float16, 6, 64, 24, 4, direction), "overflow")
-    tasks += aot.plan("multi_task_linear", *aot.multi_task_launch(torch.float16, 6, 64, 24, 4, 3), "overflow")
-    tasks += aot.plan("multi_task_linear", *aot.multi_task_launch(torch.bfloat16, 16, 256, 192, 16, 8), "graph")
+    tasks += aot.plan_multi_task(aot.multi_task_launch(torch.float16, 6, 64, 24, 4, 3), "overflow")
+    tasks += aot.plan_multi_task(aot.multi_task_launch(torch.bfloat16, 16, 256, 192, 16, 8), "graph")
     # benchmarks: bf16 goal shapes
     d = bs["d"]
     for k in bs["k"]:
@@ -197,8 +196,8 @@ def compile_plan(cuda: bool) -> list:
                 tasks += aot.plan("lowrank_linear", *aot.lowrank_launch(torch.bfloat16, M, d, d, k, direction), "bench")
     for rows in bs["mt_rows"]:
         for T in bs["mt_T"]:
-            for grouped in (False, True):
-                tasks += aot.plan("multi_task_linear", *aot.multi_task_launch(torch.bfloat16, rows, d, d, bs["mt_k"], T, grouped), "bench")
+            # "auto" always gathers (ops.multi_task_linear.choose_strategy): rows in order only
+            tasks += aot.plan_multi_task(aot.multi_task_launch(torch.bfloat16, rows, d, d, bs["mt_k"], T), "bench")
         tasks += aot.plan("lowrank_linear", *aot.lowrank_launch(torch.bfloat16, rows, d, d, bs["mt_k"], "fwd"), "bench")
     return aot.unique(tasks)
 

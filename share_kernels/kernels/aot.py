@@ -27,10 +27,14 @@ from dataclasses import dataclass, field
 #: Shared memory one block may use on sm_90 (227 KB), the limit the fit test enforces.
 SM90_MAX_SMEM = 232448
 
+#: name: (module, kernel, prune, configurations the prune chooses from)
 KERNELS = {
-    "lowrank_linear": ("share_kernels.kernels.lowrank_linear", "_lowrank_linear_fwd_kernel"),
-    "multi_task_linear": ("share_kernels.kernels.multi_task_linear", "_multi_task_delta_kernel"),
-    "stability_loss": ("share_kernels.kernels.stability_loss", "_stability_loss_kernel"),
+    "lowrank_linear": ("share_kernels.kernels.lowrank_linear", "_lowrank_linear_fwd_kernel", "_prune", "CONFIGS"),
+    "multi_task_core": ("share_kernels.kernels.multi_task_linear", "_multi_task_core_kernel", "_prune_core",
+                        "CORE_CONFIGS"),
+    "multi_task_linear": ("share_kernels.kernels.multi_task_linear", "_multi_task_expand_kernel", "_prune_expand",
+                          "EXPAND_CONFIGS"),
+    "stability_loss": ("share_kernels.kernels.stability_loss", "_stability_loss_kernel", "_prune", "CONFIGS"),
 }
 
 
@@ -98,7 +102,8 @@ def plan(kernel: str, args, meta: dict, label: str = "") -> list[Task]:
     mod = _module(kernel)
     fn = getattr(mod, KERNELS[kernel][1])
     named = dict(zip(fn.arg_names, args))
-    kept = mod._prune(mod.CONFIGS, named, **meta)
+    _, _, prune, configs = KERNELS[kernel]
+    kept = getattr(mod, prune)(getattr(mod, configs), named, **meta)
     desc = describe(args)
     meta_t = tuple(sorted(meta.items()))
     tasks = []
@@ -234,14 +239,25 @@ def lowrank_launch(dtype, M: int, d_in: int, d_out: int, k: int, direction: str 
 
 
 def multi_task_launch(dtype, M: int, d_in: int, d_out: int, k: int, T: int, grouped: bool = False):
+    """The two launches of ``multi_task_delta_``: [(kernel name, args, meta)] for the core
+    kernel and the expand kernel."""
     import torch
 
-    from .multi_task_linear import kernel_args
+    from .multi_task_linear import buffers, core_kernel_args, expand_kernel_args
 
     e = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
     ids = e(M, dt=torch.int64)
-    return kernel_args(e(M, d_out), e(M, d_in), e(d_in, k), e(T, k, k), e(d_out, k), ids, 1,
-                       e(M, dt=torch.int64) if grouped else None)
+    order = e(M, dt=torch.int64) if grouped else None
+    x = e(M, d_in)
+    t_buf, s_buf = buffers(x, k)
+    core = core_kernel_args(x, e(d_in, k), e(T, k, k), ids, t_buf, s_buf, 1, order)
+    expand = expand_kernel_args(e(M, d_out), s_buf, e(d_out, k), ids, T, 1, order)
+    return [("multi_task_core", *core), ("multi_task_linear", *expand)]
+
+
+def plan_multi_task(launches, label: str = "") -> list[Task]:
+    """:func:`plan` for both launches of :func:`multi_task_launch`."""
+    return [t for name, args, meta in launches for t in plan(name, args, meta, label)]
 
 
 def stability_launch(dtype, r: int, d_in: int, d_out: int, with_grad: bool):
@@ -272,17 +288,15 @@ def fit_tasks() -> list[Task]:
                     tasks += plan("lowrank_linear", args, meta, f"{name} {direction} k{k} M{M}")
             for M in (16, 4096):
                 for grouped in (False, True):
-                    args, meta = multi_task_launch(dt, M, d, d, k, 8, grouped)
-                    tasks += plan("multi_task_linear", args, meta,
-                                  f"{name} {'grouped' if grouped else 'gather'} k{k} M{M}")
+                    tasks += plan_multi_task(multi_task_launch(dt, M, d, d, k, 8, grouped),
+                                             f"{name} {'grouped' if grouped else 'gather'} k{k} M{M}")
     # ranks that are not a multiple of 16 (U and C with unaligned strides): LoRA's 8, and 5
     for k in (5, 8):
         for M in (16, 256, 4096):
             for direction in ("fwd", "dx_t"):
                 args, meta = lowrank_launch(torch.bfloat16, M, d, d, k, direction)
                 tasks += plan("lowrank_linear", args, meta, f"bfloat16 {direction} k{k} M{M}")
-            args, meta = multi_task_launch(torch.bfloat16, M, d, d, k, 8, False)
-            tasks += plan("multi_task_linear", args, meta, f"bfloat16 gather k{k} M{M}")
+            tasks += plan_multi_task(multi_task_launch(torch.bfloat16, M, d, d, k, 8, False), f"bfloat16 gather k{k} M{M}")
     for dt in (torch.bfloat16, torch.float16, torch.float32):
         name = str(dt).replace("torch.", "")
         for r, n in ((16, 4096), (16, 1024), (32, 4096), (32, 1024), (64, 4096), (16, 4097)):
