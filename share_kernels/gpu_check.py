@@ -168,8 +168,7 @@ def compile_plan(cuda: bool) -> list:
             for s in shape[:-1]:
                 M *= s
             for direction in ("fwd", "dx_t"):
-                args, meta = aot.lowrank_launch(dt, M, shape[-1], d_out, k, direction, bias)
-                tasks += aot.plan("lowrank_linear", args, meta, f"{name} test {direction}")
+                tasks += aot.plan_launches(aot.lowrank_launches(dt, M, shape[-1], d_out, k, direction, bias), f"{name} test {direction}")
         for shape, d_out, k, T in multi:
             M = 1
             for s in shape[:-1]:
@@ -183,22 +182,22 @@ def compile_plan(cuda: bool) -> list:
                 tasks += aot.plan("stability_loss", args, meta, "test")
     # fp16 overflow check and the graph captures
     for direction in ("fwd", "dx_t"):
-        tasks += aot.plan("lowrank_linear", *aot.lowrank_launch(torch.float16, 6, 64, 24, 4, direction), "overflow")
+        tasks += aot.plan_launches(aot.lowrank_launches(torch.float16, 6, 64, 24, 4, direction), "overflow")
     tasks += aot.plan_multi_task(aot.multi_task_launch(torch.float16, 6, 64, 24, 4, 3), "overflow")
     tasks += aot.plan_multi_task(aot.multi_task_launch(torch.bfloat16, 16, 256, 192, 16, 8), "graph")
     # benchmarks: bf16 goal shapes
     d = bs["d"]
     for k in bs["k"]:
         for M in bs["lowrank_M"]:
-            tasks += aot.plan("lowrank_linear", *aot.lowrank_launch(torch.bfloat16, M, d, d, k, "fwd"), "bench")
+            tasks += aot.plan_launches(aot.lowrank_launches(torch.bfloat16, M, d, d, k, "fwd"), "bench")
         for M in bs["train_M"]:
             for direction in ("fwd", "dx_t"):
-                tasks += aot.plan("lowrank_linear", *aot.lowrank_launch(torch.bfloat16, M, d, d, k, direction), "bench")
+                tasks += aot.plan_launches(aot.lowrank_launches(torch.bfloat16, M, d, d, k, direction), "bench")
     for rows in bs["mt_rows"]:
         for T in bs["mt_T"]:
             # "auto" always gathers (ops.multi_task_linear.choose_strategy): rows in order only
             tasks += aot.plan_multi_task(aot.multi_task_launch(torch.bfloat16, rows, d, d, bs["mt_k"], T), "bench")
-        tasks += aot.plan("lowrank_linear", *aot.lowrank_launch(torch.bfloat16, rows, d, d, bs["mt_k"], "fwd"), "bench")
+        tasks += aot.plan_launches(aot.lowrank_launches(torch.bfloat16, rows, d, d, bs["mt_k"], "fwd"), "bench")
     return aot.unique(tasks)
 
 

@@ -326,7 +326,7 @@ def test_cuda_routing_fp32_and_unaligned_to_cublas(monkeypatch):
     monkeypatch.setattr(mop, "use_triton", lambda *ts: True)
 
     def x(dev, dtype, stride=1):
-        return SimpleNamespace(device=torch.device(dev), dtype=dtype, stride=lambda dim: stride)
+        return SimpleNamespace(device=torch.device(dev), dtype=dtype, stride=lambda dim: stride, numel=lambda: 64)
 
     U, W, V = torch.empty(64, 5), torch.empty(32, 64), torch.empty(32, 5)
     for xx, fused in [(x("cuda", torch.float32), False), (x("cuda", torch.bfloat16), True),
@@ -337,3 +337,42 @@ def test_cuda_routing_fp32_and_unaligned_to_cublas(monkeypatch):
     assert not op._fused(cuda16, torch.empty(33, 64), U) and not mop._fused(cuda16, U, torch.empty(33, 5))
     assert not op._fused(cuda16, torch.empty(32, 60), torch.empty(60, 5))
     assert op._fused(x("cpu", torch.bfloat16), torch.empty(33, 60), torch.empty(60, 5))
+
+
+# --- shrink once (M >= SHRINK_MIN_M): t = x @ U in its own split-K kernel, read by the GEMM ----
+
+
+@requires_interpreter
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,d_out,k,bias,noncontig", [CASES[1], CASES[3], ((70, 100), 48, 70, True, False)])
+def test_triton_shrink_once_path(triton_cpu, monkeypatch, shape, d_out, k, bias, noncontig, dtype):
+    """Every row count through the shrink + GEMM pair (threshold lowered to 1): forward and every
+    gradient (the backward's dx call uses it too when dU is not needed) against float64, and the
+    shrink kernel really launched, split over K (two partial sums under the interpreter)."""
+    import share_kernels.kernels.lowrank_linear as kmod
+
+    monkeypatch.setattr(kmod, "SHRINK_MIN_M", 1)
+    launches = []
+    real = kmod.shrink_kernel_args
+    monkeypatch.setattr(kmod, "shrink_kernel_args", lambda *a: launches.append(a[3]) or real(*a))
+    inputs = make(shape, d_out, k, dtype, bias=bias, noncontig=noncontig, requires_grad=True)
+    check_values_and_grads(inputs, low_precision_rule=dtype != torch.float32)
+    assert launches and all(s == 2 for s in launches)
+
+
+@requires_interpreter
+@pytest.mark.interpreter
+def test_triton_shrink_once_equals_fused_recompute(monkeypatch):
+    """The two forward designs agree (fp32, to rounding), at the default threshold both ways:
+    M = 64 runs the single fused launch, M = 65 the shrink + GEMM pair."""
+    import share_kernels.kernels.lowrank_linear as kmod
+
+    assert kmod.SHRINK_MIN_M == 65
+    x, W, b, U, C = make((65, 80), 40, 12, torch.float32)
+    pair, _ = kmod.lowrank_linear_forward(x, W, b, U, C)
+    monkeypatch.setattr(kmod, "SHRINK_MIN_M", 10**9)
+    single, _ = kmod.lowrank_linear_forward(x, W, b, U, C)
+    torch.testing.assert_close(pair, single, rtol=1e-5, atol=1e-5)
+    assert kmod.shrink_splits(8192, 4096, torch.device("cpu")) == 1  # enough row blocks: no split
+    assert kmod.shrink_splits(65, 4096, torch.device("cpu")) == 2
