@@ -376,3 +376,23 @@ def test_triton_shrink_once_equals_fused_recompute(monkeypatch):
     torch.testing.assert_close(pair, single, rtol=1e-5, atol=1e-5)
     assert kmod.shrink_splits(8192, 4096, torch.device("cpu")) == 1  # enough row blocks: no split
     assert kmod.shrink_splits(65, 4096, torch.device("cpu")) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_merged_weight_path(dtype):
+    """W + (U C)^T rounded once to W's dtype (within half an ulp of the float64 value, plus the
+    fp32 accumulation); F.linear with it equals the op (fp32: to rounding); bad shapes name both."""
+    from share_kernels.ops.lowrank_linear import lowrank_merged_weight
+
+    x, W, b, U, C = make((9, 48), 40, 6, dtype)
+    Wm = lowrank_merged_weight(W, U, C)
+    exact = W.double() + (U.double() @ C.double()).t()
+    assert Wm.dtype == dtype and Wm.shape == W.shape
+    ulp = torch.finfo(dtype).eps * exact.abs()
+    acc_err = 1e-6 * (W.double().abs() + (U.double().abs() @ C.double().abs()).t())  # fp32 sums
+    assert ((Wm.double() - exact).abs() <= 0.5 * ulp + acc_err + torch.finfo(dtype).tiny).all()
+    if dtype == torch.float32:
+        y = F.linear(x, Wm, b)
+        assert rel_err(y, lowrank_linear_reference(*f64([x, W, b, U, C]))) < TOL[dtype]
+    with pytest.raises(ValueError, match=r"U must be \(d_in=48, k\).*weight \(40, 48\)"):
+        lowrank_merged_weight(W, U[:5], C)
