@@ -606,3 +606,21 @@ def test_bench_baselines_compute_the_same_layer(monkeypatch):
         assert r["share/single"] == r["share ms"] / r["single-task ms"] > 0
         assert r["peft/share"] == r["peft ms"] / r["share ms"]
         assert r["share B/tenant"] == 2 * 4 * bench.P * 4 and r["lora B/tenant"] == bench.LORA_R * 64 * 4
+
+
+@requires_interpreter
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_core_split_over_d_in(triton_cpu, monkeypatch, dtype):
+    """d_in = 600 in two K splits (512 + 88 columns): each split multiplies its partial t by the
+    cores and the expand kernel sums the partial s; values against float64, base rows exact."""
+    import share_kernels.kernels.multi_task_linear as mk
+
+    seen = []
+    real = mk.core_kernel_args
+    monkeypatch.setattr(mk, "core_kernel_args", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
+    inputs = make((3, 4, 600), 24, 8, 6, dtype)
+    check(inputs, make_ids(inputs[0], 6, per_sequence=False), dtype != torch.float32)
+    (args, _), = seen
+    t_buf, k_per_split = args[5], args[13]
+    assert t_buf.shape[0] == 2 and k_per_split == 512

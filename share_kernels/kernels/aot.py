@@ -259,13 +259,14 @@ def multi_task_launch(dtype, M: int, d_in: int, d_out: int, k: int, T: int, grou
     kernel and the expand kernel."""
     import torch
 
+    from .lowrank_linear import shrink_splits
     from .multi_task_linear import buffers, core_kernel_args, expand_kernel_args
 
     e = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
     ids = e(M, dt=torch.int64)
     order = e(M, dt=torch.int64) if grouped else None
     x = e(M, d_in)
-    t_buf, s_buf = buffers(x, k)
+    t_buf, s_buf = buffers(x, k, shrink_splits(M, d_in, x.device, sms=132))
     core = core_kernel_args(x, e(d_in, k), e(T, k, k), ids, t_buf, s_buf, 1, order)
     expand = expand_kernel_args(e(M, d_out), s_buf, e(d_out, k), ids, T, 1, order)
     return [("multi_task_core", *core), ("multi_task_linear", *expand)]

@@ -15,7 +15,7 @@ Two launches (punica / vLLM's shrink + expand, with the core folded into the shr
    at once. The work and the loads are the same whatever the number of distinct ids in the
    block (1 or BLOCK_M): no loop over tasks. ``t`` goes through a small fp32 scratch (M, k)
    to be read back a column at a time (same program, after a barrier; L1/L2 resident); ``s``
-   is written to an fp32 (M, k) buffer.
+   is written to an fp32 (M, k) buffer (one of each per K split, below).
 2. ``_multi_task_expand_kernel``, one program per (BLOCK_M rows, BLOCK_N columns) tile:
    ``y_tile += s_rows @ V_tile.T`` in fp32, stored only for adapted rows. No program
    recomputes the shrink or the core: they are done once per row block, not once per column
@@ -30,8 +30,11 @@ expand 2·M·N·k FLOPs reading V (N·k·s per row block) and y twice (M·N·s).
 (2·M·N·K FLOPs, W N·K·s bytes) the low-rank path adds about k/N + k/K of its FLOPs and, at
 decode, (K + N)·k·s bytes next to W's N·K·s: for K = N = 4096, k = 32, 1.6 % of the bytes.
 
-The grid of the first kernel is M / BLOCK_M programs: short at decode (one program for M <= 16,
-reading U's K·k·s bytes alone); splitting it over K is the open step for decode latency. For
+The first kernel's grid is (M / BLOCK_M) x splits: when the row blocks alone cannot fill the
+GPU it splits K (:func:`~share_kernels.kernels.lowrank_linear.shrink_splits`; decode M <= 16,
+K = 4096 on 132 SMs: 8 splits of 512 columns), each split multiplying its partial t by the
+cores (the core is linear in t; k² more FMAs per row per split, trivial at decode), and the
+expand kernel sums the partial s in a fixed order (deterministic). For
 fp16/bf16 the fp32 ``s`` enters the expand dot as a hi + lo pair of the input dtype (~16
 mantissa bits, as in ``kernels/lowrank_linear.py``), with fp16 rows beyond 2^14 scaled by a
 power of two first. Autotune keys hold shapes only (row bucket, K or N, padded k): the work of
@@ -46,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .._utils import triton_interpreting
-from .lowrank_linear import CUDA_DTYPES, dot_precision
+from .lowrank_linear import CUDA_DTYPES, dot_precision, shrink_splits
 
 #: Largest k the kernel takes; beyond it the op runs its PyTorch reference.
 MAX_FUSED_RANK = 128
@@ -110,7 +113,7 @@ EXPAND_CONFIGS = _EXPAND_DECODE + _EXPAND_LARGE
 @triton.jit
 def _multi_task_core_kernel(
     x_ptr, u_ptr, c_ptr, ids_ptr, order_ptr, t_ptr, s_ptr,
-    M, K, R, T, IDS_DIV, M_BUCKET,
+    M, K, R, T, IDS_DIV, M_BUCKET, K_PER_SPLIT, stride_bs,
     stride_xm, stride_xk,
     stride_uk, stride_ur,
     stride_ct, stride_ci, stride_cj,
@@ -123,6 +126,7 @@ def _multi_task_core_kernel(
     EVEN_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)  # split of K: this program's partial t, and its partial s
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_in = offs_m < M
     if HAS_ORDER:
@@ -139,16 +143,18 @@ def _multi_task_core_kernel(
         offs_r = tl.arange(0, BLOCK_R)
         offs_k = tl.arange(0, BLOCK_K)
         r_ok = offs_r < R
-        # 1. shrink: t = x_rows @ U in fp32
-        x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-        u_ptrs = u_ptr + offs_k[:, None] * stride_uk + offs_r[None, :] * stride_ur
+        # 1. shrink: t = x_rows @ U in fp32, over this program's range of K
+        k_begin = pid_s * K_PER_SPLIT
+        k_end = tl.minimum(K, k_begin + K_PER_SPLIT)
+        x_ptrs = x_ptr + rows[:, None] * stride_xm + (k_begin + offs_k)[None, :] * stride_xk
+        u_ptrs = u_ptr + (k_begin + offs_k)[:, None] * stride_uk + offs_r[None, :] * stride_ur
         t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        for k0 in range(k_begin, k_end, BLOCK_K):
             if EVEN_K:
                 xt = tl.load(x_ptrs)
                 u = tl.load(u_ptrs, mask=r_ok[None, :], other=0.0)
             else:
-                k_ok = offs_k < K - k0 * BLOCK_K
+                k_ok = offs_k < k_end - k0
                 xt = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
                 u = tl.load(u_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
             t = tl.dot(xt, u, t, input_precision=DOT_PRECISION)
@@ -157,10 +163,13 @@ def _multi_task_core_kernel(
         # 2. core, row-parallel: s[i] = sum_j t[i, j] * cores[id_i, j, :], every row its own core.
         # t is read back a column at a time from the (M, BLOCK_R) fp32 scratch this program
         # just wrote (the barrier makes the block's writes visible to all its threads).
-        buf = offs_m.to(tl.int64)[:, None] * BLOCK_R + offs_r[None, :]
+        # The core is linear in t: each K split multiplies its partial t by the cores, and the
+        # expand kernel sums the partial s in a fixed order.
+        split0 = pid_s.to(tl.int64) * stride_bs
+        buf = split0 + offs_m.to(tl.int64)[:, None] * BLOCK_R + offs_r[None, :]
         tl.store(t_ptr + buf, t, mask=m_in[:, None])
         tl.debug_barrier()
-        t_col = t_ptr + offs_m.to(tl.int64) * BLOCK_R
+        t_col = t_ptr + split0 + offs_m.to(tl.int64) * BLOCK_R
         c_rows = c_ptr + tl.where(valid, raw, 0).to(tl.int64)[:, None] * stride_ct + offs_r[None, :] * stride_cj
         c_mask = valid[:, None] & r_ok[None, :]
         s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -180,7 +189,7 @@ def _multi_task_core_kernel(
 @triton.jit
 def _multi_task_expand_kernel(
     s_ptr, v_ptr, ids_ptr, order_ptr, y_ptr,
-    M, N, R, T, IDS_DIV, M_BUCKET,
+    M, N, R, T, IDS_DIV, M_BUCKET, SPLITS, stride_bs,
     stride_vn, stride_vr,
     stride_ym, stride_yn,
     stride_id,
@@ -206,7 +215,10 @@ def _multi_task_expand_kernel(
     if tl.max(valid.to(tl.int32), axis=0) > 0:
         offs_r = tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
-        s = tl.load(s_ptr + offs_m.to(tl.int64)[:, None] * BLOCK_R + offs_r[None, :], mask=valid[:, None], other=0.0)
+        s_ptrs = s_ptr + offs_m.to(tl.int64)[:, None] * BLOCK_R + offs_r[None, :]
+        s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for sp in range(0, SPLITS):
+            s += tl.load(s_ptrs + sp * stride_bs, mask=valid[:, None], other=0.0)
         if SPLIT:
             if SCALE:
                 # fp16 tops out at 65504: rows of s beyond 2^14 are divided by a power of two
@@ -244,9 +256,9 @@ def _block_r(R: int) -> int:
     return max(16, triton.next_power_of_2(R))
 
 
-def buffers(x: torch.Tensor, R: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fp32 (M, BLOCK_R) scratch for t and the buffer for s."""
-    shape = (x.shape[0], _block_r(R))
+def buffers(x: torch.Tensor, R: int, splits: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 (splits, M, BLOCK_R) scratch for t and the buffer for s (one slot per K split)."""
+    shape = (splits, x.shape[0], _block_r(R))
     return torch.empty(shape, dtype=torch.float32, device=x.device), torch.empty(shape, dtype=torch.float32, device=x.device)
 
 
@@ -254,9 +266,10 @@ def core_kernel_args(x, U, cores, ids, t_buf, s_buf, ids_div=1, order=None):
     """Arguments of the core launch (shared with :mod:`share_kernels.kernels.aot`)."""
     M, K = x.shape
     R = U.shape[1]
+    k_per_split = triton.cdiv(triton.cdiv(K, t_buf.shape[0]), 256) * 256  # a multiple of every BLOCK_K
     args = (
         x, U, cores, ids, order if order is not None else ids, t_buf, s_buf,
-        M, K, R, cores.shape[0], ids_div, _m_bucket(M),
+        M, K, R, cores.shape[0], ids_div, _m_bucket(M), k_per_split, t_buf.stride(0),
         x.stride(0), x.stride(1),
         U.stride(0), U.stride(1),
         cores.stride(0), cores.stride(1), cores.stride(2),
@@ -272,7 +285,7 @@ def expand_kernel_args(y, s_buf, V, ids, T, ids_div=1, order=None):
     R = V.shape[1]
     args = (
         s_buf, V, ids, order if order is not None else ids, y,
-        M, N, R, T, ids_div, _m_bucket(M),
+        M, N, R, T, ids_div, _m_bucket(M), s_buf.shape[0], s_buf.stride(0),
         V.stride(0), V.stride(1),
         y.stride(0), y.stride(1),
         ids.stride(0),
@@ -312,9 +325,10 @@ def multi_task_delta_(
         raise ValueError(f"multi_task_delta_: k={R} exceeds MAX_FUSED_RANK={MAX_FUSED_RANK}")
     if M == 0 or N == 0 or T == 0:
         return y
-    t_buf, s_buf = buffers(x, R)
+    splits = shrink_splits(M, K, x.device)
+    t_buf, s_buf = buffers(x, R, splits)
     args, meta = core_kernel_args(x, U, cores, ids, t_buf, s_buf, ids_div, order)
-    _multi_task_core_kernel[lambda m: (triton.cdiv(M, m["BLOCK_M"]),)](*args, **meta)
+    _multi_task_core_kernel[lambda m: (triton.cdiv(M, m["BLOCK_M"]), splits)](*args, **meta)
     args, meta = expand_kernel_args(y, s_buf, V, ids, T, ids_div, order)
     _multi_task_expand_kernel[lambda m: (triton.cdiv(M, m["BLOCK_M"]), triton.cdiv(N, m["BLOCK_N"]))](*args, **meta)
     return y
