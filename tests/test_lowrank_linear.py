@@ -396,3 +396,24 @@ def test_merged_weight_path(dtype):
         assert rel_err(y, lowrank_linear_reference(*f64([x, W, b, U, C]))) < TOL[dtype]
     with pytest.raises(ValueError, match=r"U must be \(d_in=48, k\).*weight \(40, 48\)"):
         lowrank_merged_weight(W, U[:5], C)
+
+
+@requires_interpreter
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,d_out", [((3, 300), 40), ((2, 2, 512), 24)])
+def test_triton_split_k_over_w_at_decode(triton_cpu, monkeypatch, shape, d_out, dtype):
+    """A decode call with one tile splits K over W in two (256 columns + the rest): partial
+    tiles (with their partial t·C) summed in order by the reduction kernel, bias added there;
+    forward and gradients against float64 (masked and even K)."""
+    import share_kernels.kernels.lowrank_linear as kmod
+
+    reduced = []
+    real = kmod.reduce_kernel_args
+    monkeypatch.setattr(kmod, "reduce_kernel_args", lambda *a: reduced.append(a[0].shape[0]) or real(*a))
+    inputs = make(shape, d_out, 7, dtype, requires_grad=True)
+    check_values_and_grads(inputs, low_precision_rule=dtype != torch.float32)
+    assert reduced and reduced[0] == 2
+    assert kmod.w_splits(16, 4096, 4096, torch.device("cpu"), sms=132) == 2  # 64 tiles: 2 splits
+    assert kmod.w_splits(16, 1024, 4096, torch.device("cpu"), sms=132) == 8  # 16 tiles: 8 (>= 512 columns)
+    assert kmod.w_splits(65, 1024, 4096, torch.device("cpu"), sms=132) == 1  # not decode

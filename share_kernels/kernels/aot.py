@@ -32,6 +32,8 @@ KERNELS = {
     "lowrank_linear": ("share_kernels.kernels.lowrank_linear", "_lowrank_linear_fwd_kernel", "_prune", "CONFIGS"),
     "lowrank_shrink": ("share_kernels.kernels.lowrank_linear", "_lowrank_shrink_kernel", "_prune_shrink",
                        "SHRINK_CONFIGS"),
+    "lowrank_reduce": ("share_kernels.kernels.lowrank_linear", "_splitk_reduce_kernel", "_prune_reduce",
+                       "REDUCE_CONFIGS"),
     "multi_task_core": ("share_kernels.kernels.multi_task_linear", "_multi_task_core_kernel", "_prune_core",
                         "CORE_CONFIGS"),
     "multi_task_linear": ("share_kernels.kernels.multi_task_linear", "_multi_task_expand_kernel", "_prune_expand",
@@ -228,10 +230,19 @@ def lowrank_launches(dtype, M: int, d_in: int, d_out: int, k: int, direction: st
     """The launches of ``lowrank_linear_forward`` in the op's ``direction``: "fwd" (y = x W^T +
     b + (x U) C), "dx_t" (the backward's dx with t = dy C^T stored for dU), "dx" (dx only):
     [(kernel name, args, meta)], the shrink first when the launcher uses it (M >= SHRINK_MIN_M
-    without a stored t), with its K splits as on a GPU of ``sms`` SMs (an H100's 132)."""
+    without a stored t), or the split-K GEMM and its reduction at decode, with the splits a GPU
+    of ``sms`` SMs (an H100's 132) gets."""
     import torch
 
-    from .lowrank_linear import SHRINK_MIN_M, _block_r, kernel_args, shrink_kernel_args, shrink_splits
+    from .lowrank_linear import (
+        SHRINK_MIN_M,
+        _block_r,
+        kernel_args,
+        reduce_kernel_args,
+        shrink_kernel_args,
+        shrink_splits,
+        w_splits,
+    )
 
     e = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
     W, U, C = e(d_out, d_in), e(d_in, k), e(k, d_out)
@@ -245,6 +256,12 @@ def lowrank_launches(dtype, M: int, d_in: int, d_out: int, k: int, direction: st
         splits = shrink_splits(M, x.shape[1], x.device, sms=sms)
         t_part = e(splits, M, _block_r(k), dt=torch.float32)
         launches.append(("lowrank_shrink", *shrink_kernel_args(x, u, t_part, splits)))
+    splits = w_splits(M, out.shape[1], x.shape[1], x.device, sms=sms) if t is None and t_part is None else 1
+    if splits > 1:  # decode split-K over W, then the reduction
+        ws = e(splits, M, out.shape[1], dt=torch.float32)
+        launches.append(("lowrank_linear", *kernel_args(x, w, b, u, c, out, None, None, ws)))
+        launches.append(("lowrank_reduce", *reduce_kernel_args(ws, b, out)))
+        return launches
     launches.append(("lowrank_linear", *kernel_args(x, w, b, u, c, out, t, t_part)))
     return launches
 

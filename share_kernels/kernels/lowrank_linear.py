@@ -5,7 +5,14 @@ Two forward designs, chosen by the number of rows M (:data:`SHRINK_MIN_M`):
 * **M < 65 (decode): one fused launch.** One program computes a BLOCK_M x BLOCK_N tile of y.
   Its K loop loads each x tile once and feeds it to two dots: the base product against a W
   tile and the low-rank product against a U tile, whose result ``t = x @ U`` (BLOCK_M x k)
-  stays in fp32 registers. The epilogue adds ``t @ C`` and the bias and writes y once.
+  stays in fp32 registers. The epilogue adds ``t @ C`` and the bias and writes y once. When
+  the tiles cannot fill the GPU (:func:`w_splits`: d_out = 4096 gives 64 nominal 16 x 64 tiles
+  for 132 SMs, so 2 splits; d_out = 1024, 8) the K loop is **split over W**: each program
+  covers one K range, writes its fp32 partial tile (its partial ``t @ C`` included: t is
+  linear in x) to a workspace, and :func:`_splitk_reduce_kernel` sums the partials in a fixed
+  order, adds the bias and writes y (exact up to fp32 reassociation, deterministic). W is
+  still read once; the workspace adds 2·splits·M·d_out·4 bytes (M = 16, d_out = 1024, 8
+  splits: 1 MB against W's 8.4 MB, mostly from L2) and one launch.
 * **M >= 65: shrink once, then the GEMM.** :func:`_lowrank_shrink_kernel` forms
   ``t = x @ U`` once per row block (fp32 partial sums over ``splits`` ranges of K when the row
   blocks alone cannot fill the GPU, :func:`shrink_splits`); the GEMM (the same kernel with
@@ -152,8 +159,9 @@ def _lowrank_linear_fwd_kernel(
     stride_ym, stride_yn,
     stride_tm, stride_tr,
     stride_b,
-    T_SPLITS, stride_ts,
+    T_SPLITS, stride_ts, K_PER_SPLIT,
     HAS_BIAS: tl.constexpr,
+    W_SPLIT: tl.constexpr,
     STORE_T: tl.constexpr,
     T_IN: tl.constexpr,
     W_K_CONTIG: tl.constexpr,
@@ -199,18 +207,29 @@ def _lowrank_linear_fwd_kernel(
     rn = offs_n % (N - col0)
     r_ok = offs_r < R
 
+    if W_SPLIT:
+        # Split-K over W (decode with too few tiles for the SMs): this program's K range only;
+        # the partial tile (with its partial t @ C, t being linear in x) goes to an fp32
+        # workspace that _splitk_reduce_kernel sums in a fixed order.
+        k_begin = tl.program_id(1).to(tl.int64) * K_PER_SPLIT
+        k_len = tl.minimum(K - k_begin, K_PER_SPLIT).to(tl.int32)
+        x_ptr += k_begin * stride_xk
+        w_ptr += k_begin * stride_wk
+        u_ptr += k_begin * stride_uk
+    else:
+        k_len = K
     x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + rn[None, :] * stride_wn
     u_ptrs = u_ptr + offs_k[:, None] * stride_uk + offs_r[None, :] * stride_ur
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+    for k0 in range(0, tl.cdiv(k_len, BLOCK_K)):
         if EVEN_K:
             x = tl.load(x_ptrs)
             w = tl.load(w_ptrs)
         else:
-            k_ok = offs_k < K - k0 * BLOCK_K
+            k_ok = offs_k < k_len - k0 * BLOCK_K
             x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
@@ -260,12 +279,16 @@ def _lowrank_linear_fwd_kernel(
             acc = acc * t_scale[:, None]
     else:
         acc = tl.dot(t, c, acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + rn * stride_b).to(tl.float32)
-        acc += bias[None, :]
-
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_n < N - col0)[None, :])
+    if W_SPLIT:
+        ws_ptrs = (t_ptr + tl.program_id(1).to(tl.int64) * stride_ts + col0.to(tl.int64) * stride_tr
+                   + offs_m[:, None] * stride_tm + offs_n[None, :] * stride_tr)
+        tl.store(ws_ptrs, acc, mask=m_ok[:, None] & (offs_n < N - col0)[None, :])
+    else:
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + rn * stride_b).to(tl.float32)
+            acc += bias[None, :]
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_n < N - col0)[None, :])
 
 
 #: From this many rows on, the forward forms t = x @ U once per row block in its own kernel
@@ -351,6 +374,51 @@ def shrink_splits(M: int, K: int, device: torch.device, sms: int | None = None) 
     return max(1, min(triton.cdiv(2 * sms, triton.cdiv(M, 32)), triton.cdiv(K, 512)))
 
 
+_REDUCE_CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4, num_stages=1)]
+
+
+def _prune_reduce(configs, named_args, **kwargs):
+    return configs
+
+
+REDUCE_CONFIGS = _REDUCE_CONFIGS
+
+
+@triton.autotune(configs=_REDUCE_CONFIGS, key=["N"], prune_configs_by={"early_config_prune": _prune_reduce})
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, b_ptr, y_ptr, MN, N, S, stride_ws, stride_b,
+                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """y (contiguous M x N) = sum over s of ws[s] (fp32, in order s = 0, 1, ...) + bias."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for sp in range(0, S):
+        acc += tl.load(ws_ptr + sp * stride_ws + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + (offs % N) * stride_b, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+#: Split-K over W only for decode-sized batches (the decode configurations' BLOCK_M = 16).
+W_SPLIT_MAX_M = 64
+
+
+def w_splits(M: int, N: int, K: int, device: torch.device, sms: int | None = None) -> int:
+    """Splits of K over W for a decode call whose tiles (16 x 64 nominal) cannot fill the GPU:
+    up to one program per SM, at least 512 columns of K per split. Off CUDA (the interpreter's
+    tests): 2 for a single-tile problem with K >= 64, to exercise the reduction."""
+    if M > W_SPLIT_MAX_M:
+        return 1
+    tiles = triton.cdiv(M, 16) * triton.cdiv(N, 64)
+    if sms is None and device.type == "cuda":
+        from .._utils import sm_count
+
+        sms = sm_count(device)
+    if sms is None:
+        return 2 if tiles <= 2 and K >= 64 else 1
+    return max(1, min(sms // tiles, triton.cdiv(K, 512))) if tiles < sms // 2 else 1
+
+
 def shrink_kernel_args(x, U, t_part, splits):
     """Arguments of the shrink launch (shared with :mod:`share_kernels.kernels.aot`)."""
     M, K = x.shape
@@ -364,6 +432,14 @@ def shrink_kernel_args(x, U, t_part, splits):
         t_part.stride(0), t_part.stride(1),
     )
     return args, dict(BLOCK_R=_block_r(R), DOT_PRECISION=dot_precision(x.dtype))
+
+
+def reduce_kernel_args(ws, bias, y):
+    """Arguments of the split-K reduction (shared with :mod:`share_kernels.kernels.aot`)."""
+    M, N = y.shape
+    args = (ws, bias if bias is not None else y, y, M * N, N, ws.shape[0], ws.stride(0),
+            bias.stride(0) if bias is not None else 0)
+    return args, dict(HAS_BIAS=bias is not None)
 
 
 def _block_r(R: int) -> int:
@@ -381,15 +457,18 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def kernel_args(x, weight, bias, U, C, y, t, t_part=None):
+def kernel_args(x, weight, bias, U, C, y, t, t_part=None, ws=None):
     """Positional and keyword arguments of one launch of the fused kernel (shared by the
     launcher and by :mod:`share_kernels.kernels.aot`, which compiles the same specialisation).
     ``t`` (M, R) fp32: written (STORE_T); ``t_part`` (splits, M, BLOCK_R) fp32: the shrink's
     partial sums, read (T_IN). At most one of them."""
     M, K = x.shape
     N, R = weight.shape[0], U.shape[1]
-    assert t is None or t_part is None
-    t_arg = t if t is not None else (t_part[0] if t_part is not None else y)  # unused when neither
+    assert (t is not None) + (t_part is not None) + (ws is not None) <= 1
+    # t: written; t_part: read; ws (splits, M, N) fp32: the split-K partial tiles, written
+    t_arg = t if t is not None else (t_part[0] if t_part is not None else (ws[0] if ws is not None else y))
+    parts = t_part if t_part is not None else ws
+    k_per_split = triton.cdiv(triton.cdiv(K, ws.shape[0]), 128) * 128 if ws is not None else 0
     args = (
         x, weight, bias if bias is not None else y, U, C, y, t_arg,
         M, N, K, R, _m_bucket(M),
@@ -400,12 +479,13 @@ def kernel_args(x, weight, bias, U, C, y, t, t_part=None):
         y.stride(0), y.stride(1),
         t_arg.stride(0), t_arg.stride(1),
         bias.stride(0) if bias is not None else 0,
-        t_part.shape[0] if t_part is not None else 0, t_part.stride(0) if t_part is not None else 0,
+        t_part.shape[0] if t_part is not None else 0, parts.stride(0) if parts is not None else 0, k_per_split,
     )
     meta = dict(
         HAS_BIAS=bias is not None,
         STORE_T=t is not None,
         T_IN=t_part is not None,
+        W_SPLIT=ws is not None,
         W_K_CONTIG=weight.stride(1) == 1,
         BLOCK_R=_block_r(R),
         DOT_PRECISION=dot_precision(x.dtype),
@@ -450,6 +530,15 @@ def lowrank_linear_forward(
         t_part = torch.empty((splits, M, _block_r(R)), device=x.device, dtype=torch.float32)
         s_args, s_meta = shrink_kernel_args(x, U, t_part, splits)
         _lowrank_shrink_kernel[lambda m: (triton.cdiv(M, m["BLOCK_M"]), splits)](*s_args, **s_meta)
+    splits = w_splits(M, N, K, x.device) if t is None and t_part is None else 1
+    if splits > 1:
+        ws = torch.empty((splits, M, N), device=x.device, dtype=torch.float32)
+        args, meta = kernel_args(x, weight, bias, U, C, y, None, None, ws)
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
+        _lowrank_linear_fwd_kernel[grid](*args, **meta)
+        r_args, r_meta = reduce_kernel_args(ws, bias, y)
+        _splitk_reduce_kernel[lambda m: (triton.cdiv(M * N, m["BLOCK"]),)](*r_args, **r_meta)
+        return y, t
     args, meta = kernel_args(x, weight, bias, U, C, y, t, t_part)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _lowrank_linear_fwd_kernel[grid](*args, **meta)
