@@ -102,9 +102,9 @@ def project_complement_cublas(X: Tensor, M: Tensor, mode: str = "remove") -> Ten
     """
     dtype = X.dtype
     if dtype in (torch.float16, torch.bfloat16):
-        if X.is_cuda:
+        if X.is_cuda and hasattr(torch.ops.aten.mm, "dtype"):
             P = torch.mm(M.T, X, out_dtype=torch.float32)
-        else:  # aten::mm.dtype has no CPU kernel: the same fp32 accumulation, spelled out
+        else:  # aten::mm.dtype has no CPU kernel (nor older torch): the same fp32 sums, spelled out
             P = torch.mm(M.T.float(), X.float())
         P = P.to(dtype)
     else:
