@@ -26,6 +26,7 @@ interpreter, bf16 fixed by :mod:`share_kernels.kernels.interpreter`); CI runs it
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -167,15 +168,13 @@ def compile_plan(cuda: bool) -> list:
             for s in shape[:-1]:
                 M *= s
             for direction in ("fwd", "dx_t"):
-                args, meta = aot.lowrank_launch(dt, M, shape[-1], d_out, k, direction, bias)
-                tasks += aot.plan("lowrank_linear", args, meta, f"{name} test {direction}")
+                tasks += aot.plan_launches(aot.lowrank_launches(dt, M, shape[-1], d_out, k, direction, bias), f"{name} test {direction}")
         for shape, d_out, k, T in multi:
             M = 1
             for s in shape[:-1]:
                 M *= s
             for grouped in (False, True):
-                args, meta = aot.multi_task_launch(dt, M, shape[-1], d_out, k, T, grouped)
-                tasks += aot.plan("multi_task_linear", args, meta, f"{name} test")
+                tasks += aot.plan_multi_task(aot.multi_task_launch(dt, M, shape[-1], d_out, k, T, grouped), f"{name} test")
     for dt in (torch.bfloat16, torch.float16, torch.float32):
         for r, d_in, d_out in stab:
             for g in (False, True):
@@ -183,22 +182,22 @@ def compile_plan(cuda: bool) -> list:
                 tasks += aot.plan("stability_loss", args, meta, "test")
     # fp16 overflow check and the graph captures
     for direction in ("fwd", "dx_t"):
-        tasks += aot.plan("lowrank_linear", *aot.lowrank_launch(torch.float16, 6, 64, 24, 4, direction), "overflow")
-    tasks += aot.plan("multi_task_linear", *aot.multi_task_launch(torch.float16, 6, 64, 24, 4, 3), "overflow")
-    tasks += aot.plan("multi_task_linear", *aot.multi_task_launch(torch.bfloat16, 16, 256, 192, 16, 8), "graph")
+        tasks += aot.plan_launches(aot.lowrank_launches(torch.float16, 6, 64, 24, 4, direction), "overflow")
+    tasks += aot.plan_multi_task(aot.multi_task_launch(torch.float16, 6, 64, 24, 4, 3), "overflow")
+    tasks += aot.plan_multi_task(aot.multi_task_launch(torch.bfloat16, 16, 256, 192, 16, 8), "graph")
     # benchmarks: bf16 goal shapes
     d = bs["d"]
     for k in bs["k"]:
         for M in bs["lowrank_M"]:
-            tasks += aot.plan("lowrank_linear", *aot.lowrank_launch(torch.bfloat16, M, d, d, k, "fwd"), "bench")
+            tasks += aot.plan_launches(aot.lowrank_launches(torch.bfloat16, M, d, d, k, "fwd"), "bench")
         for M in bs["train_M"]:
             for direction in ("fwd", "dx_t"):
-                tasks += aot.plan("lowrank_linear", *aot.lowrank_launch(torch.bfloat16, M, d, d, k, direction), "bench")
+                tasks += aot.plan_launches(aot.lowrank_launches(torch.bfloat16, M, d, d, k, direction), "bench")
     for rows in bs["mt_rows"]:
         for T in bs["mt_T"]:
-            for grouped in (False, True):
-                tasks += aot.plan("multi_task_linear", *aot.multi_task_launch(torch.bfloat16, rows, d, d, bs["mt_k"], T, grouped), "bench")
-        tasks += aot.plan("lowrank_linear", *aot.lowrank_launch(torch.bfloat16, rows, d, d, bs["mt_k"], "fwd"), "bench")
+            # "auto" always gathers (ops.multi_task_linear.choose_strategy): rows in order only
+            tasks += aot.plan_multi_task(aot.multi_task_launch(torch.bfloat16, rows, d, d, bs["mt_k"], T), "bench")
+        tasks += aot.plan_launches(aot.lowrank_launches(torch.bfloat16, rows, d, d, bs["mt_k"], "fwd"), "bench")
     return aot.unique(tasks)
 
 
@@ -344,8 +343,8 @@ def _checks(device) -> list[dict]:
 
             run(f"stability_loss {dn} r={r} {d_in}x{d_out} loss+grads", st)
 
-        def pc(dtype=dtype):
-            d, n, k = 130, 77, 9
+        def pc(dtype=dtype, k=9):
+            d, n = 130, 77
             M = torch.linalg.qr(torch.randn(d, k, device=device, dtype=torch.float64))[0].to(dtype)
             X = g(d, n, dtype=dtype)
             y = project_complement(X, M)
@@ -355,6 +354,8 @@ def _checks(device) -> list[dict]:
             return _low_precision_ok([y], [project_complement_reference(X, M)], [ref])
 
         run(f"project_complement {dn} d=130 n=77 k=9", pc)
+        # k = 72: the cuBLAS route on CUDA for bf16 / fp32 (ops.project_complement.uses_cublas)
+        run(f"project_complement {dn} d=130 n=77 k=72", functools.partial(pc, k=72))
 
     def overflow():
         x = g(6, 64, dtype=torch.float16, scale=40)

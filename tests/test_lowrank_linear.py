@@ -337,3 +337,83 @@ def test_cuda_routing_fp32_and_unaligned_to_cublas(monkeypatch):
     assert not op._fused(cuda16, torch.empty(33, 64), U) and not mop._fused(cuda16, U, torch.empty(33, 5))
     assert not op._fused(cuda16, torch.empty(32, 60), torch.empty(60, 5))
     assert op._fused(x("cpu", torch.bfloat16), torch.empty(33, 60), torch.empty(60, 5))
+
+
+# --- shrink once (M >= SHRINK_MIN_M): t = x @ U in its own split-K kernel, read by the GEMM ----
+
+
+@requires_interpreter
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,d_out,k,bias,noncontig", [CASES[1], CASES[3], ((70, 100), 48, 70, True, False)])
+def test_triton_shrink_once_path(triton_cpu, monkeypatch, shape, d_out, k, bias, noncontig, dtype):
+    """Every row count through the shrink + GEMM pair (threshold lowered to 1): forward and every
+    gradient (the backward's dx call uses it too when dU is not needed) against float64, and the
+    shrink kernel really launched, split over K (two partial sums under the interpreter)."""
+    import share_kernels.kernels.lowrank_linear as kmod
+
+    monkeypatch.setattr(kmod, "SHRINK_MIN_M", 1)
+    launches = []
+    real = kmod.shrink_kernel_args
+    monkeypatch.setattr(kmod, "shrink_kernel_args", lambda *a: launches.append(a[3]) or real(*a))
+    inputs = make(shape, d_out, k, dtype, bias=bias, noncontig=noncontig, requires_grad=True)
+    check_values_and_grads(inputs, low_precision_rule=dtype != torch.float32)
+    assert launches and all(s == 2 for s in launches)
+
+
+@requires_interpreter
+@pytest.mark.interpreter
+def test_triton_shrink_once_equals_fused_recompute(monkeypatch):
+    """The two forward designs agree (fp32, to rounding), at the default threshold both ways:
+    M = 64 runs the single fused launch, M = 65 the shrink + GEMM pair."""
+    import share_kernels.kernels.lowrank_linear as kmod
+
+    assert kmod.SHRINK_MIN_M == 65
+    x, W, b, U, C = make((65, 80), 40, 12, torch.float32)
+    pair, _ = kmod.lowrank_linear_forward(x, W, b, U, C)
+    monkeypatch.setattr(kmod, "SHRINK_MIN_M", 10**9)
+    single, _ = kmod.lowrank_linear_forward(x, W, b, U, C)
+    torch.testing.assert_close(pair, single, rtol=1e-5, atol=1e-5)
+    assert kmod.shrink_splits(8192, 4096, torch.device("cpu")) == 1  # enough row blocks: no split
+    assert kmod.shrink_splits(65, 4096, torch.device("cpu")) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_merged_weight_path(dtype):
+    """W + (U C)^T rounded once to W's dtype (within half an ulp of the float64 value, plus the
+    fp32 accumulation); F.linear with it equals the op (fp32: to rounding); bad shapes name both."""
+    from share_kernels.ops.lowrank_linear import lowrank_merged_weight
+
+    x, W, b, U, C = make((9, 48), 40, 6, dtype)
+    Wm = lowrank_merged_weight(W, U, C)
+    exact = W.double() + (U.double() @ C.double()).t()
+    assert Wm.dtype == dtype and Wm.shape == W.shape
+    ulp = torch.finfo(dtype).eps * exact.abs()
+    acc_err = 1e-6 * (W.double().abs() + (U.double().abs() @ C.double().abs()).t())  # fp32 sums
+    assert ((Wm.double() - exact).abs() <= 0.5 * ulp + acc_err + torch.finfo(dtype).tiny).all()
+    if dtype == torch.float32:
+        y = F.linear(x, Wm, b)
+        assert rel_err(y, lowrank_linear_reference(*f64([x, W, b, U, C]))) < TOL[dtype]
+    with pytest.raises(ValueError, match=r"U must be \(d_in=48, k\).*weight \(40, 48\)"):
+        lowrank_merged_weight(W, U[:5], C)
+
+
+@requires_interpreter
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,d_out", [((3, 300), 40), ((2, 2, 512), 24)])
+def test_triton_split_k_over_w_at_decode(triton_cpu, monkeypatch, shape, d_out, dtype):
+    """A decode call with one tile splits K over W in two (256 columns + the rest): partial
+    tiles (with their partial t·C) summed in order by the reduction kernel, bias added there;
+    forward and gradients against float64 (masked and even K)."""
+    import share_kernels.kernels.lowrank_linear as kmod
+
+    reduced = []
+    real = kmod.reduce_kernel_args
+    monkeypatch.setattr(kmod, "reduce_kernel_args", lambda *a: reduced.append(a[0].shape[0]) or real(*a))
+    inputs = make(shape, d_out, 7, dtype, requires_grad=True)
+    check_values_and_grads(inputs, low_precision_rule=dtype != torch.float32)
+    assert reduced and reduced[0] == 2
+    assert kmod.w_splits(16, 4096, 4096, torch.device("cpu"), sms=132) == 2  # 64 tiles: 2 splits
+    assert kmod.w_splits(16, 1024, 4096, torch.device("cpu"), sms=132) == 8  # 16 tiles: 8 (>= 512 columns)
+    assert kmod.w_splits(65, 1024, 4096, torch.device("cpu"), sms=132) == 1  # not decode

@@ -226,12 +226,9 @@ def test_triton_interpreter_random_shapes(lead, d_in, d_out, k, T, per_sequence,
 
 
 def test_choose_strategy_rule():
-    assert choose_strategy(16, 1024) == choose_strategy(16, 2) == "gather"  # decode: the sort would not hide
-    assert choose_strategy(4096, 16) == choose_strategy(4096, 1024) == "grouped"  # >= 2 rows per task
-    assert choose_strategy(4096, 1) == "gather"  # one task: nothing to group
-    assert choose_strategy(256, 1024) == choose_strategy(4096, 2049) == "gather"  # < 2 rows per task
-    assert choose_strategy(255, 16) == "gather" and choose_strategy(256, 16) == "grouped"
-    assert choose_strategy(4096, 16, run=128) == "gather"  # per-sequence ids: already grouped
+    """The row-parallel core costs the same however ids are spread: sorting never pays its launch."""
+    for rows, T, run in ((16, 1024, 1), (4096, 16, 1), (4096, 1024, 1), (4096, 1, 1), (256, 1024, 1), (64, 4, 32)):
+        assert choose_strategy(rows, T, run) == "gather"
 
 
 # --- the op contract -----------------------------------------------------------------------------
@@ -461,19 +458,63 @@ def test_task_ids_context_manager_rejects_bad_ids():
 @pytest.mark.parametrize("M", [1, 64, 65, 4096])
 @pytest.mark.parametrize("block_r,dtype", [(16, torch.bfloat16), (32, torch.float16), (64, torch.bfloat16), (128, torch.float16)])
 def test_autotune_pruning(M, block_r, dtype):
-    """Decode configs for M <= 64, the larger ones above (8 warps only at k > 64): the sets
-    tests/test_sm90_fit.py compiles without spills; fp32 is refused (cuBLAS on CUDA); the
-    single interpreter config untouched."""
+    """Both kernels: decode configs for M <= 64, the larger ones above (8 warps only at k > 64):
+    the sets tests/test_sm90_fit.py compiles without spills; fp32 is refused (cuBLAS on CUDA);
+    the single interpreter config untouched."""
     import share_kernels.kernels.multi_task_linear as mk
 
-    args = {"M": M, "BLOCK_R": block_r, "x_ptr": torch.empty(0, dtype=dtype)}
-    kept = mk._prune(mk.CONFIGS, args)
-    assert kept and all(c in (mk._DECODE if M <= 64 else mk._LARGE) for c in kept)
-    if M > 64 and block_r > 64:
-        assert all(c.num_warps == 8 for c in kept)
-    with pytest.raises(ValueError, match="float32"):
-        mk._prune(mk.CONFIGS, {**args, "x_ptr": torch.empty(0)})
-    assert mk._prune(mk._INTERPRETER, args) == mk._INTERPRETER
+    for prune, configs, decode, large, arg in (
+        (mk._prune_core, mk.CORE_CONFIGS, mk._CORE_DECODE, mk._CORE_LARGE, "x_ptr"),
+        (mk._prune_expand, mk.EXPAND_CONFIGS, mk._EXPAND_DECODE, mk._EXPAND_LARGE, "y_ptr"),
+    ):
+        args = {"M": M, "BLOCK_R": block_r, arg: torch.empty(0, dtype=dtype)}
+        kept = prune(configs, args)
+        assert kept and all(c in (decode if M <= 64 else large) for c in kept)
+        if M > 64 and block_r > 64:
+            assert all(c.num_warps == 8 for c in kept)
+        with pytest.raises(ValueError, match="float32"):
+            prune(configs, {**args, arg: torch.empty(0)})
+        assert prune(configs[:1], args) == configs[:1]
+
+
+def test_autotune_keys_are_shapes_only():
+    """No key can carry the ids (their count, spread or values): a configuration timed on one
+    call's ids is the right one for any other distribution of the same shape."""
+    import share_kernels.kernels.multi_task_linear as mk
+
+    assert list(mk._multi_task_core_kernel.keys) == ["M_BUCKET", "K", "BLOCK_R"]
+    assert list(mk._multi_task_expand_kernel.keys) == ["M_BUCKET", "N", "BLOCK_R"]
+
+
+@requires_interpreter
+@pytest.mark.interpreter
+@pytest.mark.parametrize("strategy", ["gather", "grouped"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_many_distinct_tasks_in_one_block(triton_cpu, strategy, dtype):
+    """Every row of every block on its own task (T = 80 > rows), a few -1 rows among them: the
+    row-parallel core gives each row its own core (against float64), base rows stay F.linear."""
+    x, W, b, U, cores, V = make((2, 19, 40), 33, 12, 80, dtype)
+    ids = torch.randperm(80)[:38].view(2, 19)
+    ids[0, 3] = ids[1, 17] = -1
+    y = check([x, W, b, U, cores, V], ids, dtype != torch.float32, strategy=strategy)
+    # one row at a time through the same kernel: a row's result does not depend on its neighbours
+    if dtype == torch.float32:
+        with torch.no_grad():
+            for i, j in ((0, 0), (1, 9)):
+                alone = mtl(x[i, j : j + 1], W, b, U, cores, V, ids[i, j : j + 1])
+                torch.testing.assert_close(alone[0], y[i, j], rtol=1e-5, atol=1e-5)
+
+
+@requires_interpreter
+@pytest.mark.interpreter
+def test_triton_same_ids_spread_or_identical_give_the_same_rows(triton_cpu):
+    """The per-row result does not depend on how many distinct ids share the row's block."""
+    x, W, b, U, cores, V = make((48, 24), 20, 8, 48, torch.float32)
+    with torch.no_grad():
+        spread = mtl(x, W, b, U, cores, V, torch.arange(48))
+        for t in (0, 17, 47):
+            same = mtl(x, W, b, U, cores, V, torch.full((48,), t))
+            torch.testing.assert_close(same[t], spread[t], rtol=1e-6, atol=1e-6)
 
 
 # --- CUDA -----------------------------------------------------------------------------------------
@@ -565,3 +606,21 @@ def test_bench_baselines_compute_the_same_layer(monkeypatch):
         assert r["share/single"] == r["share ms"] / r["single-task ms"] > 0
         assert r["peft/share"] == r["peft ms"] / r["share ms"]
         assert r["share B/tenant"] == 2 * 4 * bench.P * 4 and r["lora B/tenant"] == bench.LORA_R * 64 * 4
+
+
+@requires_interpreter
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_core_split_over_d_in(triton_cpu, monkeypatch, dtype):
+    """d_in = 600 in two K splits (512 + 88 columns): each split multiplies its partial t by the
+    cores and the expand kernel sums the partial s; values against float64, base rows exact."""
+    import share_kernels.kernels.multi_task_linear as mk
+
+    seen = []
+    real = mk.core_kernel_args
+    monkeypatch.setattr(mk, "core_kernel_args", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
+    inputs = make((3, 4, 600), 24, 8, 6, dtype)
+    check(inputs, make_ids(inputs[0], 6, per_sequence=False), dtype != torch.float32)
+    (args, _), = seen
+    t_buf, k_per_split = args[5], args[13]
+    assert t_buf.shape[0] == 2 and k_per_split == 512

@@ -11,9 +11,12 @@ import torch
 
 from share_kernels import _ext
 from share_kernels.ops.project_complement import (
+    CUBLAS_MIN_K,
     project_complement,
+    project_complement_cublas,
     project_complement_grouped,
     project_complement_reference,
+    uses_cublas,
 )
 from tests.conftest import requires_cuda
 
@@ -63,6 +66,35 @@ def test_low_precision_within_2x_of_pytorch(d, n, k, dtype, mode, device):
     out = project_complement(X, M, mode)
     assert out.dtype == dtype
     assert rel_err(out, ref, X) <= 2 * rel_err(project_complement_reference(X, M, mode), ref, X)
+
+
+def test_cublas_switch_points():
+    """CUDA routes to cuBLAS exactly where k makes the fused pass compute bound (module docstring):
+    bf16 from k = 32, fp32 / fp64 from k = 64, fp16 never; independent of d and n."""
+    assert CUBLAS_MIN_K == {torch.bfloat16: 32, torch.float32: 64, torch.float64: 64}
+    for d, n in [(768, 4096), (4096, 65536), (33, 1)]:
+        assert not uses_cublas(d, n, 31, torch.bfloat16) and uses_cublas(d, n, 32, torch.bfloat16)
+        for dt in (torch.float32, torch.float64):
+            assert not uses_cublas(d, n, 63, dt) and uses_cublas(d, n, 64, dt)
+        assert not any(uses_cublas(d, n, k, torch.float16) for k in (1, 64, 2048))
+    assert not uses_cublas(0, 5, 64, torch.bfloat16) and not uses_cublas(5, 0, 64, torch.bfloat16)
+
+
+@pytest.mark.parametrize("mode", ["remove", "retain"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d,n,k", [(97, 130, 64), (64, 33, 40)])
+def test_cublas_form_matches_float64_reference(d, n, k, dtype, mode):
+    """The compute-bound form (two GEMMs, subtraction in addmm's epilogue), here on CPU tensors:
+    fp32 / fp64 to the op's tolerance, fp16 / bf16 within 2x of plain PyTorch; strided X too."""
+    X = torch.randn(d, 2 * n).to(dtype)[:, ::2]
+    M = orthonormal(d, k, dtype)
+    out = project_complement_cublas(X, M, mode)
+    ref = reference64(X, M, mode)
+    assert out.shape == (d, n) and out.dtype == dtype and out.is_contiguous()
+    if dtype in TOL:
+        assert rel_err(out, ref, X) < TOL[dtype]
+    else:
+        assert rel_err(out, ref, X) <= 2 * rel_err(project_complement_reference(X, M, mode), ref, X)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -27,10 +27,18 @@ from dataclasses import dataclass, field
 #: Shared memory one block may use on sm_90 (227 KB), the limit the fit test enforces.
 SM90_MAX_SMEM = 232448
 
+#: name: (module, kernel, prune, configurations the prune chooses from)
 KERNELS = {
-    "lowrank_linear": ("share_kernels.kernels.lowrank_linear", "_lowrank_linear_fwd_kernel"),
-    "multi_task_linear": ("share_kernels.kernels.multi_task_linear", "_multi_task_delta_kernel"),
-    "stability_loss": ("share_kernels.kernels.stability_loss", "_stability_loss_kernel"),
+    "lowrank_linear": ("share_kernels.kernels.lowrank_linear", "_lowrank_linear_fwd_kernel", "_prune", "CONFIGS"),
+    "lowrank_shrink": ("share_kernels.kernels.lowrank_linear", "_lowrank_shrink_kernel", "_prune_shrink",
+                       "SHRINK_CONFIGS"),
+    "lowrank_reduce": ("share_kernels.kernels.lowrank_linear", "_splitk_reduce_kernel", "_prune_reduce",
+                       "REDUCE_CONFIGS"),
+    "multi_task_core": ("share_kernels.kernels.multi_task_linear", "_multi_task_core_kernel", "_prune_core",
+                        "CORE_CONFIGS"),
+    "multi_task_linear": ("share_kernels.kernels.multi_task_linear", "_multi_task_expand_kernel", "_prune_expand",
+                          "EXPAND_CONFIGS"),
+    "stability_loss": ("share_kernels.kernels.stability_loss", "_stability_loss_kernel", "_prune", "CONFIGS"),
 }
 
 
@@ -98,7 +106,8 @@ def plan(kernel: str, args, meta: dict, label: str = "") -> list[Task]:
     mod = _module(kernel)
     fn = getattr(mod, KERNELS[kernel][1])
     named = dict(zip(fn.arg_names, args))
-    kept = mod._prune(mod.CONFIGS, named, **meta)
+    _, _, prune, configs = KERNELS[kernel]
+    kept = getattr(mod, prune)(getattr(mod, configs), named, **meta)
     desc = describe(args)
     meta_t = tuple(sorted(meta.items()))
     tasks = []
@@ -216,33 +225,71 @@ def format_table(results) -> str:
 # --- launches, built on meta tensors exactly as the ops build them ------------------------------
 
 
-def lowrank_launch(dtype, M: int, d_in: int, d_out: int, k: int, direction: str = "fwd", bias: bool = True):
-    """The fused kernel's launch in the op's ``direction``: "fwd" (y = x W^T + b + (x U) C),
-    "dx_t" (the backward's dx with t = dy C^T stored for dU), "dx" (dx only)."""
+def lowrank_launches(dtype, M: int, d_in: int, d_out: int, k: int, direction: str = "fwd", bias: bool = True,
+                     sms: int = 132):
+    """The launches of ``lowrank_linear_forward`` in the op's ``direction``: "fwd" (y = x W^T +
+    b + (x U) C), "dx_t" (the backward's dx with t = dy C^T stored for dU), "dx" (dx only):
+    [(kernel name, args, meta)], the shrink first when the launcher uses it (M >= SHRINK_MIN_M
+    without a stored t), or the split-K GEMM and its reduction at decode, with the splits a GPU
+    of ``sms`` SMs (an H100's 132) gets."""
     import torch
 
-    from .lowrank_linear import kernel_args
+    from .lowrank_linear import (
+        SHRINK_MIN_M,
+        _block_r,
+        kernel_args,
+        reduce_kernel_args,
+        shrink_kernel_args,
+        shrink_splits,
+        w_splits,
+    )
 
     e = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
     W, U, C = e(d_out, d_in), e(d_in, k), e(k, d_out)
     if direction == "fwd":
-        x, y = e(M, d_in), e(M, d_out)
-        return kernel_args(x, W, e(d_out) if bias else None, U, C, y, None)
-    g, dx = e(M, d_out), e(M, d_in)
-    t = e(M, k, dt=torch.float32) if direction == "dx_t" else None
-    return kernel_args(g, W.t(), None, C.t(), U.t(), dx, t)
+        x, w, b, u, c, out, t = e(M, d_in), W, e(d_out) if bias else None, U, C, e(M, d_out), None
+    else:
+        x, w, b, u, c, out = e(M, d_out), W.t(), None, C.t(), U.t(), e(M, d_in)
+        t = e(M, k, dt=torch.float32) if direction == "dx_t" else None
+    launches, t_part = [], None
+    if t is None and M >= SHRINK_MIN_M:
+        splits = shrink_splits(M, x.shape[1], x.device, sms=sms)
+        t_part = e(splits, M, _block_r(k), dt=torch.float32)
+        launches.append(("lowrank_shrink", *shrink_kernel_args(x, u, t_part, splits)))
+    splits = w_splits(M, out.shape[1], x.shape[1], x.device, sms=sms) if t is None and t_part is None else 1
+    if splits > 1:  # decode split-K over W, then the reduction
+        ws = e(splits, M, out.shape[1], dt=torch.float32)
+        launches.append(("lowrank_linear", *kernel_args(x, w, b, u, c, out, None, None, ws)))
+        launches.append(("lowrank_reduce", *reduce_kernel_args(ws, b, out)))
+        return launches
+    launches.append(("lowrank_linear", *kernel_args(x, w, b, u, c, out, t, t_part)))
+    return launches
+
+
+def plan_launches(launches, label: str = "") -> list[Task]:
+    """:func:`plan` for every launch of a list [(kernel name, args, meta)]."""
+    return [t for name, args, meta in launches for t in plan(name, args, meta, label)]
 
 
 def multi_task_launch(dtype, M: int, d_in: int, d_out: int, k: int, T: int, grouped: bool = False):
+    """The two launches of ``multi_task_delta_``: [(kernel name, args, meta)] for the core
+    kernel and the expand kernel."""
     import torch
 
-    from .multi_task_linear import kernel_args
+    from .lowrank_linear import shrink_splits
+    from .multi_task_linear import buffers, core_kernel_args, expand_kernel_args
 
     e = lambda *s, dt=dtype: torch.empty(*s, dtype=dt, device="meta")  # noqa: E731
     ids = e(M, dt=torch.int64)
-    return kernel_args(e(M, d_out), e(M, d_in), e(d_in, k), e(T, k, k), e(d_out, k), ids, 1,
-                       e(M, dt=torch.int64) if grouped else None)
+    order = e(M, dt=torch.int64) if grouped else None
+    x = e(M, d_in)
+    t_buf, s_buf = buffers(x, k, shrink_splits(M, d_in, x.device, sms=132))
+    core = core_kernel_args(x, e(d_in, k), e(T, k, k), ids, t_buf, s_buf, 1, order)
+    expand = expand_kernel_args(e(M, d_out), s_buf, e(d_out, k), ids, T, 1, order)
+    return [("multi_task_core", *core), ("multi_task_linear", *expand)]
 
+
+plan_multi_task = plan_launches
 
 def stability_launch(dtype, r: int, d_in: int, d_out: int, with_grad: bool):
     import torch
@@ -268,21 +315,17 @@ def fit_tasks() -> list[Task]:
         for k in (16, 32, 64, 128):
             for M in (16, 256, 4096):  # decode, mid, prefill
                 for direction in ("fwd", "dx_t", "dx"):
-                    args, meta = lowrank_launch(dt, M, d, d, k, direction)
-                    tasks += plan("lowrank_linear", args, meta, f"{name} {direction} k{k} M{M}")
+                    tasks += plan_launches(lowrank_launches(dt, M, d, d, k, direction), f"{name} {direction} k{k} M{M}")
             for M in (16, 4096):
                 for grouped in (False, True):
-                    args, meta = multi_task_launch(dt, M, d, d, k, 8, grouped)
-                    tasks += plan("multi_task_linear", args, meta,
-                                  f"{name} {'grouped' if grouped else 'gather'} k{k} M{M}")
+                    tasks += plan_multi_task(multi_task_launch(dt, M, d, d, k, 8, grouped),
+                                             f"{name} {'grouped' if grouped else 'gather'} k{k} M{M}")
     # ranks that are not a multiple of 16 (U and C with unaligned strides): LoRA's 8, and 5
     for k in (5, 8):
         for M in (16, 256, 4096):
             for direction in ("fwd", "dx_t"):
-                args, meta = lowrank_launch(torch.bfloat16, M, d, d, k, direction)
-                tasks += plan("lowrank_linear", args, meta, f"bfloat16 {direction} k{k} M{M}")
-            args, meta = multi_task_launch(torch.bfloat16, M, d, d, k, 8, False)
-            tasks += plan("multi_task_linear", args, meta, f"bfloat16 gather k{k} M{M}")
+                tasks += plan_launches(lowrank_launches(torch.bfloat16, M, d, d, k, direction), f"bfloat16 {direction} k{k} M{M}")
+            tasks += plan_multi_task(multi_task_launch(torch.bfloat16, M, d, d, k, 8, False), f"bfloat16 gather k{k} M{M}")
     for dt in (torch.bfloat16, torch.float16, torch.float32):
         name = str(dt).replace("torch.", "")
         for r, n in ((16, 4096), (16, 1024), (32, 4096), (32, 1024), (64, 4096), (16, 4097)):

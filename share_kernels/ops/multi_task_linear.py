@@ -11,15 +11,16 @@ How it runs:
 
 * CPU (and float64, k > 128, and on CUDA fp32 or d not a multiple of 16): :func:`multi_task_linear_reference`.
 * CUDA (fp32 / fp16 / bf16): ``y = F.linear(x, weight, bias)`` by cuBLAS, then ONE Triton
-  kernel (:mod:`share_kernels.kernels.multi_task_linear`) adds the whole low-rank path of the
-  adapted rows in place (``x·U`` in fp32, the row's core gathered in-kernel, ``·Vᵀ``) and never
-  writes a base-only row. A Triton base GEMM fused with it would be one pass fewer over y, but
+  two Triton kernels (:mod:`share_kernels.kernels.multi_task_linear`) add the low-rank path of
+  the adapted rows in place: the first forms ``(x·U)·cores[id]`` per row into an fp32 (M, k)
+  buffer once per row block, the second adds ``·Vᵀ`` tile by tile; a base-only row is never
+  written. A Triton base GEMM fused with it would be one pass fewer over y, but
   its rows could not be bit-identical to cuBLAS's ``F.linear``, and a kernel that fused the
   base only when no id is -1 would need a host sync to know; so the base stays cuBLAS.
-* Two strategies for the low-rank kernel, chosen by shape only (:func:`choose_strategy`):
-  ``"gather"`` (rows in their order; a block of rows does one small core product per distinct
-  id it holds) and ``"grouped"`` (rows first sorted by id on device with ``torch.argsort``, as
-  vLLM does, so a block holds about one task). ``strategy=`` forces one.
+* Two strategies for the low-rank kernels: ``"gather"`` (rows in their order; every row reads its
+  own core, so a block costs the same whatever ids it holds; what ``"auto"`` picks, see
+  :func:`choose_strategy`) and ``"grouped"`` (rows first sorted by id on device with
+  ``torch.argsort``, as vLLM does, so a block holds about one task). ``strategy=`` forces one.
 
 Ids and host syncs: shapes, dtypes and devices are always checked (metadata only). The value
 check (``-1 <= id < T``, ``ValueError``) needs the values: on CPU it is free and always done; on
@@ -42,11 +43,6 @@ from .._utils import check_flag, check_float_dtypes, check_ndim, check_same_devi
 _OP = "multi_task_linear"
 STRATEGIES = ("auto", "gather", "grouped")
 
-#: choose_strategy: rows that share one id by construction (per-sequence ids, S >= this) are
-#: already grouped; otherwise sort when the batch is large and holds many rows per task.
-GATHER_MIN_RUN = 16
-GROUPED_MIN_ROWS = 256
-GROUPED_MIN_ROWS_PER_TASK = 2
 
 
 def _integer(t: Tensor) -> bool:
@@ -148,28 +144,17 @@ def multi_task_linear_reference(
 
 
 def choose_strategy(rows: int, num_tasks: int, run: int = 1) -> str:
-    """The low-rank kernel's strategy from shapes alone (no look at the ids, so no sync).
+    """The low-rank kernels' strategy from shapes alone (no look at the ids, so no sync).
 
     ``rows`` M, ``num_tasks`` T, ``run`` the rows that share an id by construction (S for
-    per-sequence ids of x (B, S, d), else 1). Work per block of BLOCK_M rows: "gather" does
-    one (BLOCK_M x k)·(k x k) product and one k x k core load (latency-bound, in sequence) per
-    distinct id in the block, about min(BLOCK_M, T) for spread ids; "grouped" first sorts the
-    ids (an extra launch or two, O(M log M)) and then does about 1 + BLOCK_M / (M / T). Sorting
-    pays when that cuts the iterations, i.e. with at least 2 rows per task and T >= 2, on a
-    batch whose GEMM (M >= 256 rows) hides the sort:
-
-    * ``run >= 16``: "gather" (sequences already are contiguous single-task blocks);
-    * ``M >= 256`` and ``2 <= T <= M / 2``: "grouped";
-    * otherwise "gather" (decode batches, one task, or more tasks than rows / 2).
-
-    The thresholds are argued from this work count, not yet measured on a GPU; a skewed
-    distribution (zipf, all rows one task) can make "grouped" sort for nothing, which the
-    rule cannot see without reading the ids.
+    per-sequence ids of x (B, S, d), else 1). Always ``"gather"``: the core kernel gives every
+    row its own core (a row-parallel gather, see :mod:`share_kernels.kernels.multi_task_linear`),
+    so a block's work does not depend on how many distinct ids it holds, and sorting the rows by
+    id ("grouped", an ``argsort`` and a permuted row order) would only make rows of one task
+    share their core loads in L1, for the price of the sort. ``strategy="grouped"`` still forces
+    it. The arguments stay for callers that ask per shape.
     """
-    if run >= GATHER_MIN_RUN:
-        return "gather"
-    if rows >= GROUPED_MIN_ROWS and 2 <= num_tasks and GROUPED_MIN_ROWS_PER_TASK * num_tasks <= rows:
-        return "grouped"
+    del rows, num_tasks, run
     return "gather"
 
 
