@@ -66,9 +66,12 @@ __all__ = sorted(_EXPORTS) + ["__version__", "load"]
 
 
 def load() -> None:
-    """Import the whole API now (torch, the custom ops, the layers and the continual API)."""
+    """Import the whole API now (torch, the layers and the continual API) and register every
+    ``torch.ops.share_kernels`` op, the extension's ``project_complement`` ops included (those
+    otherwise appear on their first call: loading the extension may build it, see the README)."""
     for module in dict.fromkeys(_EXPORTS.values()):
         importlib.import_module(module, __name__)
+    importlib.import_module(".ops.project_complement", __name__)._ensure_ops()
 
 
 _SUBMODULES = ("bench", "cli", "continual", "harness", "integrations", "kernels", "nn", "ops")

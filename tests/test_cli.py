@@ -120,3 +120,21 @@ def test_gpu_check_is_a_subcommand_and_refuses_a_missing_out():
     assert proc.returncode == 0 and "--out" in proc.stdout and "8-minute" in proc.stdout
     proc, _ = cli("gpu-check")
     assert proc.returncode == 2 and "--out" in proc.stderr
+
+
+def test_import_is_light_and_load_registers_every_op():
+    """``import share_kernels`` imports no torch; ``share_kernels.load()`` registers all five ops,
+    the extension's project_complement pair included, so ``torch.ops.share_kernels.*`` resolve."""
+    code = (
+        "import sys, share_kernels\n"
+        "assert 'torch' not in sys.modules\n"
+        "share_kernels.load()\n"
+        "import torch\n"
+        "for n in ('lowrank_linear', 'multi_task_linear', 'stability_loss', 'project_complement',\n"
+        "          'project_complement_grouped'):\n"
+        "    getattr(torch.ops.share_kernels, n)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
