@@ -104,6 +104,24 @@ CORE_CONFIGS = _CORE_DECODE + _CORE_LARGE
 EXPAND_CONFIGS = _EXPAND_DECODE + _EXPAND_LARGE
 
 
+@triton.jit
+def _block_rows(offs_m, M, ids_ptr, order_ptr, stride_id, T, IDS_DIV, HAS_ORDER: tl.constexpr):
+    """A row block's (in range, row index (int64), id as loaded, id valid), shared by both kernels.
+
+    int64 row offsets: rows * stride reaches 2^31 on large prefill batches. Out-of-range ids
+    (possible only when the op skipped its check) read nothing and add nothing; the range test
+    runs on the ids as loaded, before any narrowing cast."""
+    m_in = offs_m < M
+    if HAS_ORDER:
+        rows = tl.load(order_ptr + offs_m, mask=m_in, other=0)
+    else:
+        rows = offs_m
+    rows = tl.where(m_in, rows, 0).to(tl.int64)
+    raw = tl.load(ids_ptr + (rows // IDS_DIV) * stride_id, mask=m_in, other=-1)
+    valid = m_in & (raw >= 0) & (raw < T)
+    return m_in, rows, raw, valid
+
+
 @triton.autotune(
     configs=_CORE_INTERPRETER if triton_interpreting() else CORE_CONFIGS,
     key=["M_BUCKET", "K", "BLOCK_R"],
@@ -128,17 +146,7 @@ def _multi_task_core_kernel(
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)  # split of K: this program's partial t, and its partial s
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_in = offs_m < M
-    if HAS_ORDER:
-        rows = tl.load(order_ptr + offs_m, mask=m_in, other=0)
-    else:
-        rows = offs_m
-    # int64 row offsets: rows * stride reaches 2^31 on large prefill batches.
-    rows = tl.where(m_in, rows, 0).to(tl.int64)
-    raw = tl.load(ids_ptr + (rows // IDS_DIV) * stride_id, mask=m_in, other=-1)
-    # Out-of-range ids (possible only when the op skipped its check) read nothing and add
-    # nothing; the range test runs on the ids as loaded, before any narrowing cast.
-    valid = m_in & (raw >= 0) & (raw < T)
+    m_in, rows, raw, valid = _block_rows(offs_m, M, ids_ptr, order_ptr, stride_id, T, IDS_DIV, HAS_ORDER)
     if tl.max(valid.to(tl.int32), axis=0) > 0:
         offs_r = tl.arange(0, BLOCK_R)
         offs_k = tl.arange(0, BLOCK_K)
@@ -204,14 +212,7 @@ def _multi_task_expand_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_in = offs_m < M
-    if HAS_ORDER:
-        rows = tl.load(order_ptr + offs_m, mask=m_in, other=0)
-    else:
-        rows = offs_m
-    rows = tl.where(m_in, rows, 0).to(tl.int64)
-    raw = tl.load(ids_ptr + (rows // IDS_DIV) * stride_id, mask=m_in, other=-1)
-    valid = m_in & (raw >= 0) & (raw < T)
+    m_in, rows, raw, valid = _block_rows(offs_m, M, ids_ptr, order_ptr, stride_id, T, IDS_DIV, HAS_ORDER)
     if tl.max(valid.to(tl.int32), axis=0) > 0:
         offs_r = tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
