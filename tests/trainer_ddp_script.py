@@ -8,20 +8,9 @@ import transformers
 
 import share_kernels as sk
 from share_kernels.integrations import ContinualTrainer
+from tests.test_integrations import Rows  # the same rows as the single-process tests
 
 transformers.logging.set_verbosity_error()
-
-
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, n, seed):
-        g = torch.Generator().manual_seed(seed)
-        self.x, self.y = torch.randint(0, 60, (n, 9), generator=g), torch.randint(0, 3, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.x[i], "labels": self.y[i]}
 
 
 def main(out: str, method: str) -> None:
