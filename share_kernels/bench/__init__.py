@@ -34,6 +34,7 @@ SUITE_HELP = {
     "project_complement": "X - M (M^T X) (C++/CUDA extension) vs PyTorch; grouped vs a loop",
     "pslora": "stability loss fwd+bwd vs the naive formula; the PS-LoRA layer's merged-weight forward",
     "share": "bytes per task vs per-task LoRA; a Share training step vs peft LoRA",
+    "vs_peft": "Share / InfLoRA / PS-LoRA vs peft LoRA on a MiniLM-sized BERT: train, infer, mixed batches",
 }
 
 #: what the columns of every table mean
