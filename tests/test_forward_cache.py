@@ -473,3 +473,44 @@ def test_compiled_model_follows_task_ids_blocks():
     assert torch.equal(routed, eager_routed)
     assert rel(routed[0], share_ref(layer, "b", x[:1])[0]) < 1e-12
     assert torch.equal(routed[1], F.linear(x[1], layer.base_layer.weight, layer.base_layer.bias))
+
+
+def test_task_ids_refused_while_a_task_is_merged():
+    """After merge_adapter the base weight holds the task: a task_ids block would add updates
+    on top of it (and give '__base__' rows the merged weight), so the forward refuses."""
+    model = share_kernels.wrap(nn.Sequential(nn.Linear(13, 11, dtype=F64)), "share", ["0"], k=4, p=2)
+    for t in ("a", "b"):
+        model[0].add_task(t)
+    randomize(model[0].parameters())
+    model.requires_grad_(False)
+    share_kernels.merge_adapter(model, "a")
+    x = torch.randn(2, 13, dtype=F64)
+    with torch.no_grad(), share_kernels.task_ids(model, ["a", "__base__"]):
+        with pytest.raises(RuntimeError, match="merged"):
+            model(x)
+    share_kernels.unmerge_adapter(model)
+    with torch.no_grad(), share_kernels.task_ids(model, ["a", "__base__"]):
+        y = model(x)
+    assert rel(y[0], share_ref(model[0], "a", x[:1])[0]) < 1e-12
+
+
+def test_merged_inference_of_a_conv1d_layer_is_built_once(monkeypatch):
+    """A Conv1D base (weight (d_in, d_out)): the merged weight is cached like nn.Linear's, not
+    rebuilt every forward (its transposed view is a new object each call)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from share_kernels.nn import set_merged_inference
+
+    layer = ShareLinear(Conv1D(11, 13).double(), k=4, p=2, scale=0.7)
+    layer.add_task("a")
+    randomize(layer.parameters())
+    layer.set_task("a")
+    layer.requires_grad_(False)
+    set_merged_inference(nn.Sequential(layer))
+    calls = count_calls(monkeypatch, layer, "task_factors")
+    x = torch.randn(4, 13, dtype=F64)
+    with torch.no_grad():
+        ys = [layer(x) for _ in range(4)]
+    assert len(calls) == 1 and all(torch.equal(y, ys[0]) for y in ys)
+    want = F.linear(x, layer.base_weight() + layer.delta_weight("a"), layer.base_layer.bias)
+    assert rel(ys[0], want) < 1e-12

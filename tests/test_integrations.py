@@ -184,3 +184,35 @@ def test_trainer_two_processes_identical_adapters(method, tmp_path):
             assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), (f, k)
     trained = load_file(saved["rank0"]["task-t2.safetensors"])
     assert any(v.abs().sum() > 0 for k, v in trained.items() if k.endswith(".A"))  # A trained away from zero
+
+
+def test_extra_loss_counts_once_per_step_under_gradient_accumulation(tmp_path):
+    """When Trainer leaves the loss undivided by the accumulation steps (the model normalised it
+    over the accumulated batch: model_accepts_loss_kwargs and num_items_in_batch given),
+    compute_loss adds extra_loss / G per micro-batch, so the regulariser counts once per step;
+    otherwise Trainer divides the whole loss and extra_loss is added as it is."""
+    cfg = transformers.BertConfig(
+        vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40,
+        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    model = transformers.BertForSequenceClassification(cfg)
+    learner = sk.ContinualLearner(model, "pslora", ["query", "value"], **METHODS["pslora"])
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=1, report_to=[],
+        logging_strategy="no", save_strategy="no", use_cpu=True, disable_tqdm=True, gradient_accumulation_steps=4,
+    )
+    trainer = ContinualTrainer(args=args, learner=learner, save_dir=tmp_path / "adapters")
+    learner.begin_task("t0")
+    learner.extra_loss = lambda: torch.tensor(8.0)
+    trainer.current_gradient_accumulation_steps = 4
+    trainer.loss_is_scaled_for_ga = None
+    trainer.compute_loss_func = None
+    batch = trainer._boundary_batches(Rows(4, 9))[0]
+    model.train()
+    with torch.no_grad():
+        base = model(**batch).loss
+        trainer.model_accepts_loss_kwargs = True
+        scaled = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(16))
+        trainer.model_accepts_loss_kwargs = False
+        plain = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(16))
+    assert torch.allclose(scaled - base, torch.tensor(2.0)) and torch.allclose(plain - base, torch.tensor(8.0))

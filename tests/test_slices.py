@@ -221,3 +221,31 @@ def test_gpt2_c_attn_kv_slices_inflora(tmp_path):
     set_task(fresh, "t")
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("method", ["pslora", "inflora"])
+def test_merge_and_unload_of_a_sliced_layer(method):
+    """merge_adapter on a layer with output slices folds the update into the adapted rows only:
+    merged outputs equal the unmerged task's, the untouched rows of W are unchanged."""
+    import share_kernels
+
+    torch.manual_seed(3)
+    model = ViT(depth=1)
+    kw = dict(r=2, lam=0.3, alpha=5.0) if method == "pslora" else dict(r=2)
+    learner = ContinualLearner(model, method, target_modules=["qkv"], target_slices={"qkv": KV}, **kw)
+    x = torch.randn(3, 5, DIM)
+    learner.begin_task("t0", [x] if method == "inflora" else None)
+    with torch.no_grad():
+        for p in learner.trainable_parameters():
+            p.normal_()
+    learner.set_task("t0")
+    layer = model.blocks[0].attn.qkv
+    w_before = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        want = model(x)
+    share_kernels.merge_adapter(model, "t0")
+    assert torch.equal(layer.base_layer.weight[:DIM], w_before[:DIM])
+    with torch.no_grad():
+        assert rel(model(x), want) < 1e-5
+    share_kernels.unmerge_adapter(model)
+    assert torch.equal(layer.base_layer.weight, w_before)

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..nn.common import current_task_ids, expand_rows
 from .wrap import CONFIG_ATTR, adapter_layers
 
 #: attribute of a merged layer: the task merged into its base weight
@@ -42,11 +43,11 @@ def task_delta(layer: nn.Module, task: str) -> Tensor:
     acc = torch.promote_types(w.dtype, torch.float32)
     with torch.no_grad():
         if hasattr(layer, "prev_delta"):  # PS-LoRA: the history, plus the LoRA still in training
-            delta = layer.prev_delta.to(acc).clone()
+            delta = layer.prev_delta.to(acc).clone()  # (n_a, d_in): the adapted rows only
             if task == layer.training_task:
                 A, B = layer.lora_A[task].to(acc), layer.lora_B[task].to(acc)
                 delta += layer.scale * (B @ A)
-            return delta
+            return expand_rows(delta, layer.out_slices, layer._out_index, layer.out_features)
         if hasattr(layer, "lora_B"):  # InfLoRA: every branch up to the task
             return layer.delta_weight(task).to(acc)
         A, B = layer.task_factors(task)  # Share
@@ -54,7 +55,8 @@ def task_delta(layer: nn.Module, task: str) -> Tensor:
 
 
 def _refuse_while_merged(module, args, kwargs):
-    if kwargs.get("task_ids") is not None or module.active_task is not None:
+    routed = kwargs.get("task_ids") is not None or current_task_ids(module) is not None
+    if routed or module.active_task is not None:
         raise RuntimeError(
             f"task {getattr(module, MERGED_ATTR)!r} is merged into the base weights; unmerge_adapter(model) "
             "before selecting a task or passing task_ids"

@@ -77,8 +77,23 @@ class ContinualTrainer(Trainer):
         if not model.training or self.learner.current_task is None:
             return out
         loss, rest = (out[0], out[1]) if return_outputs else (out, None)
-        loss = loss + self.learner.extra_loss().to(loss.device, loss.dtype)
+        extra = self.learner.extra_loss().to(loss.device, loss.dtype)
+        if self._loss_scaled_for_accumulation(kwargs.get("num_items_in_batch")):
+            # Trainer will not divide this loss by the accumulation steps (the model already
+            # normalised it over the whole accumulated batch): divide the per-micro-batch
+            # regulariser here, so it counts once per optimizer step, not G times
+            extra = extra / getattr(self, "current_gradient_accumulation_steps", 1)
+        loss = loss + extra
         return (loss, rest) if return_outputs else loss
+
+    def _loss_scaled_for_accumulation(self, num_items_in_batch) -> bool:
+        """Trainer.training_step's own test of whether it skips dividing the loss by the
+        gradient accumulation steps."""
+        fixed = getattr(self, "loss_is_scaled_for_ga", None)
+        if fixed is not None:
+            return bool(fixed)
+        by_model = getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None
+        return bool(by_model or getattr(self, "compute_loss_func", None) is not None)
 
     # ----------------------------------------------------------------- tasks
 

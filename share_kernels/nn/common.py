@@ -237,6 +237,19 @@ def take_rows(t: Tensor, out_slices: Optional[list[list[int]]], index: Optional[
     return t.index_select(0, index.to(t.device))
 
 
+def expand_rows(d: Tensor, out_slices: Optional[list[list[int]]], index: Optional[Tensor], d_out: int) -> Tensor:
+    """The adapted rows ``d`` (n_a, ...) placed in a (d_out, ...) tensor of zeros (``d`` itself
+    without slices): the inverse of :func:`take_rows` for an update."""
+    if out_slices is None:
+        return d
+    out = d.new_zeros((d_out,) + tuple(d.shape[1:]))
+    if index is None:
+        a, b = out_slices[0]
+        out[a:b] = d
+        return out
+    return out.index_copy_(0, index.to(out.device), d)
+
+
 def overwrite_rows(y: Tensor, ya: Tensor, out_slices: list[list[int]], index: Optional[Tensor]) -> Tensor:
     """``y`` (..., d_out) with its adapted columns replaced by ``ya`` (..., n_a); every other
     column is ``y``'s, bit for bit."""

@@ -38,7 +38,7 @@ from torch import Tensor
 from ..ops.lowrank_linear import lowrank_linear
 from ..ops.stability_loss import stability_loss
 from ._cache import forward_cache
-from .common import TaskLayer, check_out_slices, check_task_name, overwrite_rows, slice_index, take_rows
+from .common import TaskLayer, check_out_slices, check_task_name, expand_rows, overwrite_rows, slice_index, take_rows
 
 
 def _number(name: str, v, lo: float, strict: bool = False) -> float:
@@ -159,13 +159,7 @@ class PSLoRALinear(TaskLayer):
         A, B = self.lora_A[name], self.lora_B[name]
         acc = torch.float64 if A.dtype == torch.float64 else torch.float32
         d = (self.scale * (B.to(acc) @ A.to(acc))).to(A.dtype)
-        if self.out_slices is None:
-            return d
-        out = d.new_zeros(self.out_features, self.in_features)
-        if self._out_index is None:
-            out[self.out_slices[0][0] : self.out_slices[0][1]] = d
-            return out
-        return out.index_copy_(0, self._out_index.to(out.device), d)
+        return expand_rows(d, self.out_slices, self._out_index, self.out_features)
 
     def stability_loss(self) -> Tensor:
         """``stability_loss(A, scale · B, prev_delta, alpha)`` of the training task (0-dim fp32).

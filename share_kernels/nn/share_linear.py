@@ -311,7 +311,9 @@ class ShareLinear(TaskLayer):
         """``W + delta_weight(name)`` (computed in fp32 or wider, stored in W's dtype), cached;
         None while the task trains (a merged copy cannot carry its gradient)."""
         w = self.base_weight()  # (d_out, d_in); a transposed view for a Conv1D base
-        sources = [w, self.U, self.V]
+        # the parameter itself, not the view: a Conv1D's .t() is a new object every call, which
+        # the cache (identity per source) would take for a change
+        sources = [self.base_layer.weight, self.U, self.V]
         if name in self.eps_a:
             sources += [self.eps_a[name], self.eps_b[name]]
         if name == self.training_task:
