@@ -104,3 +104,16 @@ def check_same_device(op: str, **tensors) -> None:
 def check_ndim(op: str, name: str, t: torch.Tensor, ndim: int, what: str) -> None:
     if t.dim() != ndim:
         raise ValueError(f"{op}: {name} must be {ndim}-D {what}; got {name} of shape {shape_str(t)}")
+
+
+def cuda_matmul_allows_tf32() -> bool:
+    """Whether fp32 CUDA matmuls may use TF32 (``torch.backends.cuda.matmul.allow_tf32``), read
+    without raising: torch >= 2.9 refuses the legacy flag once the per-backend ``fp32_precision``
+    API has been used, and then that setting is read instead."""
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:
+        prec = getattr(torch.backends.cuda.matmul, "fp32_precision", "ieee")
+        if prec == "none":
+            prec = getattr(torch.backends, "fp32_precision", "ieee")
+        return prec == "tf32"

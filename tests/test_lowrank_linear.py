@@ -326,7 +326,8 @@ def test_cuda_routing_fp32_and_unaligned_to_cublas(monkeypatch):
     monkeypatch.setattr(mop, "use_triton", lambda *ts: True)
 
     def x(dev, dtype, stride=1):
-        return SimpleNamespace(device=torch.device(dev), dtype=dtype, stride=lambda dim: stride, numel=lambda: 64)
+        return SimpleNamespace(device=torch.device(dev), dtype=dtype, stride=lambda dim: stride, numel=lambda: 64,
+                               dim=lambda: 2)
 
     U, W, V = torch.empty(64, 5), torch.empty(32, 64), torch.empty(32, 5)
     for xx, fused in [(x("cuda", torch.float32), False), (x("cuda", torch.bfloat16), True),
@@ -417,3 +418,32 @@ def test_triton_split_k_over_w_at_decode(triton_cpu, monkeypatch, shape, d_out, 
     assert kmod.w_splits(16, 4096, 4096, torch.device("cpu"), sms=132) == 2  # 64 tiles: 2 splits
     assert kmod.w_splits(16, 1024, 4096, torch.device("cpu"), sms=132) == 8  # 16 tiles: 8 (>= 512 columns)
     assert kmod.w_splits(65, 1024, 4096, torch.device("cpu"), sms=132) == 1  # not decode
+
+
+def test_bad_ranks_are_value_errors_on_the_kernel_path(triton_cpu):
+    """The wrappers decide the kernel route before the op checks its inputs: a 1-D U or V must
+    still give the ValueError naming it (not an IndexError from the routing)."""
+    import share_kernels as sk
+
+    x, W = torch.randn(4, 8), torch.randn(6, 8)
+    with pytest.raises(ValueError, match="U must be 2-D"):
+        sk.lowrank_linear(x, W, None, torch.randn(8), torch.randn(2, 6))
+    with pytest.raises(ValueError, match="U must be 2-D"):
+        sk.multi_task_linear(x, W, None, torch.randn(8), torch.randn(1, 2, 2), torch.randn(6, 2),
+                             torch.zeros(4, dtype=torch.long))  # fmt: skip
+
+
+def test_tf32_setting_read_with_either_api(monkeypatch):
+    """fp32 routing reads the TF32 setting without raising after the per-backend API was used."""
+    from share_kernels._utils import cuda_matmul_allows_tf32
+
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("this torch has only the legacy allow_tf32 flag")
+    old = torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        assert cuda_matmul_allows_tf32() is True
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        assert cuda_matmul_allows_tf32() is False
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = old

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._utils import triton_interpreting
+from .._utils import cuda_matmul_allows_tf32, triton_interpreting
 
 #: Largest k the fused kernel keeps in registers; beyond it the launcher is not used (the op
 #: falls back to cuBLAS, see ops/lowrank_linear.py).
@@ -452,7 +452,7 @@ def _m_bucket(m: int) -> int:
 
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs follow ``torch.backends.cuda.matmul.allow_tf32`` as cuBLAS does."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not cuda_matmul_allows_tf32():
         return "ieee"
     return "tf32"
 

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .._utils import triton_interpreting
-from .lowrank_linear import CUDA_DTYPES, dot_precision, shrink_splits
+from .lowrank_linear import CUDA_DTYPES, _block_r, _m_bucket, dot_precision, shrink_splits
 
 #: Largest k the kernel takes; beyond it the op runs its PyTorch reference.
 MAX_FUSED_RANK = 128
@@ -247,14 +247,6 @@ def _multi_task_expand_kernel(
         store_ok = valid[:, None] & n_ok[None, :]
         yt = tl.load(y_ptrs, mask=store_ok, other=0.0).to(tl.float32)
         tl.store(y_ptrs, (yt + delta).to(y_ptr.dtype.element_ty), mask=store_ok)
-
-
-def _m_bucket(m: int) -> int:
-    return min(max(triton.next_power_of_2(m), 16), 8192)
-
-
-def _block_r(R: int) -> int:
-    return max(16, triton.next_power_of_2(R))
 
 
 def buffers(x: torch.Tensor, R: int, splits: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,6 +59,8 @@ def _fused(x: Tensor, weight: Tensor, U: Tensor) -> bool:
 
     # zero-size inputs run the reference (nothing to fuse, no empty launch grid); on CUDA only what
     # fits sm_90 (16-bit, aligned sizes) runs the kernel, fp32 and the rest run cuBLAS.
+    if x.dim() < 1 or weight.dim() != 2 or U.dim() != 2:
+        return False  # the checks on the op's path name the argument
     cuda_ok = x.device.type != "cuda" or fits_cuda(x, weight.shape[1], weight.shape[0])
     nonempty = min(x.numel(), weight.numel(), U.numel()) > 0
     return use_triton(x, weight, U) and U.shape[1] <= MAX_FUSED_RANK and nonempty and cuda_ok

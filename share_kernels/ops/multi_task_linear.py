@@ -170,6 +170,8 @@ def _fused(x: Tensor, U: Tensor, V: Tensor) -> bool:
 
     # zero-size inputs run the reference (nothing to fuse, no empty launch grid); on CUDA only what
     # fits sm_90 (16-bit, aligned sizes) runs the kernel, fp32 and the rest run the reference.
+    if x.dim() < 1 or U.dim() != 2 or V.dim() != 2:
+        return False  # the checks on the op's path name the argument
     cuda_ok = x.device.type != "cuda" or fits_cuda(x, U.shape[0], V.shape[0])
     return use_triton(x) and U.shape[1] <= MAX_FUSED_RANK and x.numel() > 0 and U.numel() > 0 and cuda_ok
 

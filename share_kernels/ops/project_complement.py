@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from .._utils import check_flag, check_float_dtypes, check_ndim, check_same_device, shape_str
+from .._utils import check_flag, check_float_dtypes, check_ndim, check_same_device, cuda_matmul_allows_tf32, shape_str
 
 _OP = "project_complement"
 _OP_GROUPED = "project_complement_grouped"
@@ -89,7 +89,7 @@ def _routes_to_cublas(X: Tensor, M: Tensor) -> bool:
         return False
     if torch.is_autocast_enabled("cuda"):
         return False
-    return X.dtype != torch.float32 or torch.get_float32_matmul_precision() == "highest"
+    return X.dtype != torch.float32 or not cuda_matmul_allows_tf32()
 
 
 def project_complement_cublas(X: Tensor, M: Tensor, mode: str = "remove") -> Tensor:
