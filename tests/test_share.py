@@ -162,15 +162,18 @@ def test_forward_is_one_lowrank_linear_call(monkeypatch):
         return real(x, weight, bias, U, C)
 
     monkeypatch.setattr(share_linear_mod, "lowrank_linear", counting)
-    layer = make_layer(k=4, p=2)
-    layer.add_task("a")
-    layer.set_task("a")
-    layer(torch.randn(5, 13, dtype=F64))
-    layer.add_task("b")
-    layer.set_task("b")
-    layer.expand(2)
-    layer(torch.randn(5, 13, dtype=F64))
-    assert calls == [((13, 4), (4, 11)), ((13, 6), (6, 11))]
+    for k, p, rank_plain, rank_expanded in ((4, 2, 2, 2), (2, 4, 2, 4), (2, 3, 2, 3), (1, 3, 1, 3)):
+        # rank min(p, k'): the task's factors when p < k' (k' = k, + 2 while expanded), else the subspace
+        calls.clear()
+        layer = make_layer(k=k, p=p)
+        layer.add_task("a")
+        layer.set_task("a")
+        layer(torch.randn(5, 13, dtype=F64))
+        layer.add_task("b")
+        layer.set_task("b")
+        layer.expand(2)
+        layer(torch.randn(5, 13, dtype=F64))
+        assert calls == [((13, rank_plain), (rank_plain, 11)), ((13, rank_expanded), (rank_expanded, 11))], (k, p)
 
 
 @pytest.mark.parametrize("per_sequence", [False, True])
@@ -620,3 +623,29 @@ def test_express_pads_when_k_is_below_p_and_the_rank():
     assert ea.shape == (2, 4) and eb.shape == (2, 4)
     core = (U.t() @ A) @ (V.t() @ B).t()
     assert rel(ea @ eb.t(), core) < 1e-12
+
+
+@pytest.mark.parametrize("mode", ["plain", "expanded", "lora"])
+@pytest.mark.parametrize("k,p", [(4, 2), (2, 4), (3, 3)])
+def test_training_gradients_match_the_dense_update(mode, k, p):
+    """Whichever rank the forward runs at (the task's factors or the subspace), every trainable
+    tensor gets the gradient of ``F.linear(x, W + delta_weight)``."""
+    layer = make_layer(k=k, p=p)
+    layer.add_task("a", lora_rank=3 if mode == "lora" else None)
+    layer.set_task("a")
+    if mode == "expanded":
+        randomize(layer)
+        layer.add_task("b")
+        layer.set_task("b")
+        layer.expand(2)
+    randomize(layer)
+    name = layer.active_task
+    params = layer.task_parameters(name)
+    x = torch.randn(2, 5, 13, dtype=F64)
+    g = torch.randn(2, 5, 11, dtype=F64)
+    got = torch.autograd.grad((layer(x) * g).sum(), params)
+    ref_out = F.linear(x, layer.base_layer.weight + layer.delta_weight(name), layer.base_layer.bias)
+    want = torch.autograd.grad((ref_out * g).sum(), params)
+    assert len(params) == {"plain": 2, "expanded": 6, "lora": 2}[mode]
+    for a, b in zip(got, want):
+        assert rel(a, b) < 1e-12

@@ -13,7 +13,9 @@ Rows (inputs: random token ids; the loss the mean square of the last hidden stat
 * ``train``: forward + backward + AdamW step of the task in training, in each method's steady
   state (Share: a later task, coefficients plus φ = 2 temporary directions; InfLoRA: a later
   task's A; PS-LoRA: a later task's LoRA plus the stability loss a user adds, and the same
-  step without the loss) against peft's LoRA step;
+  step without the loss) against peft's LoRA step; ``train fused-AdamW`` the same with
+  ``AdamW(fused=True)`` for every variant (torch's default AdamW steps the parameter tensors
+  one by one on a CPU, which charges Share's 6 tensors per layer against peft's 2);
 * ``infer``: a forward under ``torch.inference_mode()`` with one finished task selected against
   peft's forward with its adapter active (also Share k=32 with ``set_merged_inference``: one
   ``F.linear`` on a cached ``W + dW``);
@@ -62,8 +64,9 @@ def _loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).last_hidden_state.float().square().mean()
 
 
-def _train_fn(model: nn.Module, params, ids, extra: Callable[[], torch.Tensor] | None = None):
-    opt = torch.optim.AdamW(params, lr=1e-4)
+def _train_fn(model: nn.Module, params, ids, extra: Callable[[], torch.Tensor] | None = None, fused: bool = False):
+    # fused=False: torch's default AdamW (on a CPU one parameter tensor at a time, ~30 µs each)
+    opt = torch.optim.AdamW(list(params), lr=1e-4, **({"fused": True} if fused else {}))
 
     def step():
         loss = _loss(model, ids)
@@ -212,23 +215,34 @@ def run(device: torch.device, preset: str = "full", echo=print) -> list[dict]:
     shares = {n: _share(base, k) for n, k in ks.items()}
     inf_model, inf_learner, _ = _inflora(base, ids)
     ps_model, ps_learner = _pslora(base)
-    train = {"peft lora": _train_fn(peft_model.train(), [p for p in peft_model.parameters() if p.requires_grad], ids)}
-    for n, (m, lr) in shares.items():
-        train[n] = _train_fn(m.train(), lr.trainable_parameters(), ids)
-    train["inflora"] = _train_fn(inf_model.train(), inf_learner.trainable_parameters(), ids)
-    train["pslora"] = _train_fn(ps_model.train(), ps_learner.trainable_parameters(), ids, ps_learner.extra_loss)
-    # the same step without the stability loss: what the layer costs, apart from the method's loss
-    train["pslora no loss"] = _train_fn(ps_model, ps_learner.trainable_parameters(), ids)
+    def train_fns(fused: bool) -> dict[str, Callable[[], None]]:
+        peft_params = [p for p in peft_model.parameters() if p.requires_grad]
+        fns = {"peft lora": _train_fn(peft_model.train(), peft_params, ids, fused=fused)}
+        for n, (m, lr) in shares.items():
+            fns[n] = _train_fn(m.train(), lr.trainable_parameters(), ids, fused=fused)
+        fns["inflora"] = _train_fn(inf_model.train(), inf_learner.trainable_parameters(), ids, fused=fused)
+        ps_params = ps_learner.trainable_parameters()
+        fns["pslora"] = _train_fn(ps_model.train(), ps_params, ids, ps_learner.extra_loss, fused=fused)
+        # the same step without the stability loss: what the layer costs, apart from the method's loss
+        fns["pslora no loss"] = _train_fn(ps_model, ps_params, ids, fused=fused)
+        return fns
+
     tokens = batch * seq
     models = {"peft lora": perf.bert_model("lora", tokens, seq, R, train=True, **shape)}
     for n, k in ks.items():
-        models[n] = perf.bert_model("share", tokens, seq, k + 2, train=True, **shape)
+        # the forward runs at rank min(p, k + φ) (ShareLinear._single_operands)
+        models[n] = perf.bert_model("share", tokens, seq, min(R, k + 2), train=True, **shape)
     models["inflora"] = perf.bert_model("lora", tokens, seq, R, train=True, **shape)
     models["pslora"] = perf.bert_model("pslora", tokens, seq, R, train=True, **shape)
     models["pslora no loss"] = perf.bert_model("lora", tokens, seq, R, train=True, **shape)
-    times = alternate(train, rounds, device)
-    rows += _rows("train", times, "peft lora", f"{batch}x{seq}", models, device)
-    echo(f"  train: " + ", ".join(f"{r['case'].split(' ', 1)[1]} {r['vs peft']:.3g}x" for r in rows))
+    # Two optimizers, the same for every variant: torch's default AdamW, which on a CPU steps
+    # each parameter tensor in turn (Share's training task has 6 per layer, peft's LoRA 2), and
+    # AdamW(fused=True), one kernel over all of them.
+    for case, fused in (("train", False), ("train fused-AdamW", True)):
+        times = alternate(train_fns(fused), rounds, device)
+        n0 = len(rows)
+        rows += _rows(case, times, "peft lora", f"{batch}x{seq}", models, device)
+        echo(f"  {case}: " + ", ".join(f"{r['case'][len(case) + 1:]} {r['vs peft']:.3g}x" for r in rows[n0:]))
 
     # finish every task in training; the forward then serves one finished task
     for n, (m, lr) in shares.items():
@@ -248,7 +262,7 @@ def run(device: torch.device, preset: str = "full", echo=print) -> list[dict]:
     infer["pslora"] = _infer_fn(ps_model.eval(), ids)
     models = {"peft lora": perf.bert_model("lora", tokens, seq, R, **shape)}
     for n, k in ks.items():
-        models[n] = perf.bert_model("share", tokens, seq, k, **shape)
+        models[n] = perf.bert_model("share", tokens, seq, min(R, k), **shape)
     models["share k=32 merged"] = perf.bert_model("dense", tokens, seq, 0, **shape)  # cached W + dW
     models["inflora"] = perf.bert_model("dense", tokens, seq, 0, **shape)  # all folded: W + delta
     models["pslora"] = perf.bert_model("dense", tokens, seq, 0, **shape)  # finished: merged weight
@@ -256,7 +270,7 @@ def run(device: torch.device, preset: str = "full", echo=print) -> list[dict]:
     n0 = len(rows)
     rows += _rows("infer", times, "peft lora", f"{batch}x{seq}", models, device)
     echo(f"  infer: " + ", ".join(f"{r['case'].split(' ', 1)[1]} {r['vs peft']:.3g}x" for r in rows[n0:]))
-    del peft_model, shares, merged, inf_model, ps_model, train, infer
+    del peft_model, shares, merged, inf_model, ps_model, infer
 
     # ---- mixed batches: sequences of T tasks in one forward
     mixed_tasks = (4,) if quick else (8, 64, 256)

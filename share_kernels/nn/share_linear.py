@@ -292,8 +292,18 @@ class ShareLinear(TaskLayer):
         return lowrank_linear(x, self.base_weight(), self.base_layer.bias, WA, C)
 
     def _single_operands(self, name: str) -> tuple[Tensor, Tensor]:
-        """(U (d_in, k'), C (k', d_out)) of task ``name``'s ``lowrank_linear`` call, cached
-        while nothing trains (:mod:`share_kernels.nn._cache`)."""
+        """The ``(U, C)`` operands of task ``name``'s ``lowrank_linear`` call, of the smaller of
+        two equal ranks, cached while nothing trains (:mod:`share_kernels.nn._cache`):
+
+        - the task's own factors, rank p: ``U = A = WA Ea`` (d_in, p), ``C = scale · Bᵀ``
+          (p, d_out), when p < k' (the columns of WA: k, plus φ while the task trains);
+        - the subspace, rank k': ``U = WA`` (d_in, k'), ``C = scale · (Ea Ebᵀ) WBᵀ``, otherwise.
+
+        Both give ``x · dWᵀ`` (they differ in rounding only). The low-rank work of a forward
+        and its backward is proportional to the rank: with the default k = 32 and p = 8 the
+        factors are 4x cheaper than the subspace, and a training step at k = 8 with φ = 2
+        temporary directions runs at rank 8, peft's LoRA cost at r = p, not 10.
+        """
         sources = [self.U, self.V]
         if name in self.eps_a:
             sources += [self.eps_a[name], self.eps_b[name]]
@@ -301,7 +311,12 @@ class ShareLinear(TaskLayer):
             sources += self._extras()
 
         def compute() -> tuple[Tensor, Tensor]:
+            if name == self.training_task and self.lora_A is not None:
+                return self.lora_A.t(), self.scale * self.lora_B.t()  # lora_A.t(): already k-major
             WA, Ea, WB, Eb = self._factors_in(name)
+            if Ea.shape[1] < WA.shape[1]:
+                # Aᵀ = Eaᵀ WAᵀ built contiguous: A = Aᵀ.t() has the k-major storage of gemm_layout
+                return (Ea.t() @ WA.t()).t(), self.scale * (Eb.t() @ WB.t())
             WA = self._U_for_gemm() if WA is self.U else gemm_layout(WA)
             return WA, self.scale * (Ea @ Eb.t()) @ WB.t()
 
