@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..ops.lowrank_linear import lowrank_linear
 from ._cache import forward_cache
-from .common import TaskLayer, check_out_slices, check_task_name, overwrite_rows, slice_index, take_rows
+from .common import TaskLayer, check_out_slices, check_task_name, expand_rows, overwrite_rows, slice_index, take_rows
 
 #: the official code's scale of B_t's rows, 1/√3
 DEFAULT_SCALE = 1.0 / math.sqrt(3.0)
@@ -178,20 +178,17 @@ class InfLoRALinear(TaskLayer):
         name = self.active_task if name is None else name
         w = self.base_layer.weight
         acc = torch.promote_types(w.dtype, torch.float32)
-        out = torch.zeros(self.out_features, self.in_features, dtype=acc, device=w.device)
         if name is None:
-            return out
+            return torch.zeros(self.out_features, self.in_features, dtype=acc, device=w.device)
         self._check_known(name)
         j = self._tasks.index(name)
-        rows = self._rows(out) if self._out_index is None else out.new_zeros(self.adapted_out, self.in_features)
+        rows = torch.zeros(self.adapted_out, self.in_features, dtype=acc, device=w.device)
         start = self.n_folded if self.merge == "magnitude" else 0
         if start:
             rows += self.folded_delta.to(acc)
         for t in self._tasks[start : j + 1]:
             rows += self.lora_A[t].to(acc) @ self.lora_B[t].to(acc)
-        if self._out_index is not None:
-            out.index_copy_(0, self._out_index.to(out.device), rows)
-        return out
+        return expand_rows(rows, self.out_slices, self._out_index, self.out_features)
 
     def history(self) -> Tensor:
         """(n_a, d_in): the update of the finished tasks (everything but the training task), in
