@@ -249,3 +249,32 @@ def test_merge_and_unload_of_a_sliced_layer(method):
         assert rel(model(x), want) < 1e-5
     share_kernels.unmerge_adapter(model)
     assert torch.equal(layer.base_layer.weight, w_before)
+
+
+@pytest.mark.parametrize("method", ["inflora", "pslora"])
+def test_several_slices_gather_the_base_rows_once_and_follow_a_weight_change(method):
+    """q + v: the adapted rows of W are gathered once, not every forward, and a change of the
+    base weight (in place) is seen by the next forward."""
+    from share_kernels.nn import PSLoRALinear
+    from share_kernels.nn.common import base_rows
+
+    torch.manual_seed(1)
+    slices = [[2 * DIM, 3 * DIM], [0, DIM]]
+    lin = nn.Linear(DIM, 3 * DIM, dtype=F64)
+    cls = InfLoRALinear if method == "inflora" else PSLoRALinear
+    layer = cls(lin, r=3, out_slices=slices)
+    layer.add_task("a", torch.randn(3, DIM)) if method == "inflora" else layer.add_task("a")
+    layer.set_task("a")
+    with torch.no_grad():
+        for p in layer.task_parameters("a"):
+            p.normal_()
+    assert base_rows(layer) is base_rows(layer)
+    x = torch.randn(4, DIM, dtype=F64)
+
+    def reference():
+        return F.linear(x, lin.weight + layer.delta_weight("a"), lin.bias)
+
+    assert rel(layer(x), reference()) < 1e-12
+    with torch.no_grad():
+        lin.weight.mul_(-2.0)  # in place: the version counter moves
+    assert rel(layer(x), reference()) < 1e-12

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ._cache import forward_cache
+
 _TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 # Task names key nn.ParameterDicts, which cannot hold a key that shadows one of their methods.
 _RESERVED = frozenset(n for n in dir(nn.ParameterDict) if not n.startswith("_"))
@@ -235,6 +237,20 @@ def take_rows(t: Tensor, out_slices: Optional[list[list[int]]], index: Optional[
         a, b = out_slices[0]
         return t[a:b]
     return t.index_select(0, index.to(t.device))
+
+
+def base_rows(layer: nn.Module) -> Tensor:
+    """The adapted rows of ``layer``'s base weight (d_out or n_a, d_in): the weight itself or a
+    view (no slice, one slice); with several slices the gathered rows, kept in the layer's
+    forward cache while the base weight is unchanged (the gather, n_a x d_in, is not repeated
+    every forward; the copy costs what a folded or merged weight of those rows costs)."""
+    w = layer.base_weight()
+    if layer._out_index is None:
+        return take_rows(w, layer.out_slices, None)
+    # the parameter as the source, not base_weight()'s view: a Conv1D's .t() is new every call
+    return forward_cache(layer).get(
+        "base_rows", (layer.base_layer.weight,), None, lambda: take_rows(w, layer.out_slices, layer._out_index)
+    )
 
 
 def expand_rows(d: Tensor, out_slices: Optional[list[list[int]]], index: Optional[Tensor], d_out: int) -> Tensor:

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..ops.lowrank_linear import lowrank_linear
 from ._cache import forward_cache
-from .common import TaskLayer, check_out_slices, check_task_name, expand_rows, overwrite_rows, slice_index, take_rows
+from .common import TaskLayer, base_rows, check_out_slices, check_task_name, expand_rows, overwrite_rows, slice_index, take_rows
 
 #: the official code's scale of B_t's rows, 1/√3
 DEFAULT_SCALE = 1.0 / math.sqrt(3.0)
@@ -253,10 +253,8 @@ class InfLoRALinear(TaskLayer):
         """(weight, U, C) of the forward with tasks 0..j (weight: the adapted rows): folded tasks
         enter through the weight when all of them are included (always, for the magnitude
         merge: every finished task runs the merged model), the rest as branches."""
-        w = self._rows(self.base_weight())
         start = self.n_folded if self.n_folded and (self.merge == "magnitude" or j >= self.n_folded - 1) else 0
-        if start:
-            w = self.folded_weight
+        w = self.folded_weight if start else base_rows(self)
         names = self._tasks[start : j + 1]
         if not names:
             return w, w.new_zeros(self.in_features, 0), w.new_zeros(0, self.adapted_out)

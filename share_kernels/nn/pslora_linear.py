@@ -38,7 +38,7 @@ from torch import Tensor
 from ..ops.lowrank_linear import lowrank_linear
 from ..ops.stability_loss import stability_loss
 from ._cache import forward_cache
-from .common import TaskLayer, check_out_slices, check_task_name, expand_rows, overwrite_rows, slice_index, take_rows
+from .common import TaskLayer, base_rows, check_out_slices, check_task_name, expand_rows, overwrite_rows, slice_index, take_rows
 
 
 def _number(name: str, v, lo: float, strict: bool = False) -> float:
@@ -202,7 +202,7 @@ class PSLoRALinear(TaskLayer):
 
     def _weight(self) -> Tensor:
         """``W + prev_delta`` over the adapted rows."""
-        return self.merged_weight if self.merged_weight is not None else self._rows(self.base_weight())
+        return self.merged_weight if self.merged_weight is not None else base_rows(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., d_in) -> (..., d_out)."""
