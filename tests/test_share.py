@@ -123,11 +123,11 @@ def test_only_the_active_task_trains():
     assert not any(prm.requires_grad for prm in layer.parameters())
 
 
-@pytest.mark.parametrize("mode", ["plain", "expanded", "lora"])
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("k", [1, 4])
-def test_delta_weight_agrees_with_the_forward(mode, bias, k):
-    layer = make_layer(k=k, bias=bias)
+def layer_in_training(mode, **kw):
+    """A layer whose active task trains as ``mode``: "plain" (coefficients of a first task),
+    "expanded" (a second task with φ = 2 temporary directions) or "lora" (the first task as a
+    rank-3 LoRA); every parameter random."""
+    layer = make_layer(**kw)
     layer.add_task("a", lora_rank=3 if mode == "lora" else None)
     layer.set_task("a")
     if mode == "expanded":
@@ -136,6 +136,14 @@ def test_delta_weight_agrees_with_the_forward(mode, bias, k):
         layer.set_task("b")
         layer.expand(2)
     randomize(layer)
+    return layer
+
+
+@pytest.mark.parametrize("mode", ["plain", "expanded", "lora"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("k", [1, 4])
+def test_delta_weight_agrees_with_the_forward(mode, bias, k):
+    layer = layer_in_training(mode, k=k, bias=bias)
     name = layer.active_task
     x = torch.randn(3, 13, 4, dtype=F64).transpose(1, 2)  # non-contiguous, leading dims
     ref = F.linear(x, layer.base_layer.weight + layer.delta_weight(name), layer.base_layer.bias)
@@ -630,15 +638,7 @@ def test_express_pads_when_k_is_below_p_and_the_rank():
 def test_training_gradients_match_the_dense_update(mode, k, p):
     """Whichever rank the forward runs at (the task's factors or the subspace), every trainable
     tensor gets the gradient of ``F.linear(x, W + delta_weight)``."""
-    layer = make_layer(k=k, p=p)
-    layer.add_task("a", lora_rank=3 if mode == "lora" else None)
-    layer.set_task("a")
-    if mode == "expanded":
-        randomize(layer)
-        layer.add_task("b")
-        layer.set_task("b")
-        layer.expand(2)
-    randomize(layer)
+    layer = layer_in_training(mode, k=k, p=p)
     name = layer.active_task
     params = layer.task_parameters(name)
     x = torch.randn(2, 5, 13, dtype=F64)
