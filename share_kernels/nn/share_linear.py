@@ -307,20 +307,35 @@ class ShareLinear(TaskLayer):
         sources = [self.U, self.V]
         if name in self.eps_a:
             sources += [self.eps_a[name], self.eps_b[name]]
+            if torch.is_grad_enabled() and sources[2].requires_grad:
+                return self._operands_of(name)  # a training forward: the cache would only recompute
         if name == self.training_task:
             sources += self._extras()
+        return forward_cache(self).get(
+            "single", sources, (name, self.training_task, self.scale), lambda: self._operands_of(name)
+        )
 
-        def compute() -> tuple[Tensor, Tensor]:
-            if name == self.training_task and self.lora_A is not None:
+    def _operands_of(self, name: str) -> tuple[Tensor, Tensor]:
+        """:meth:`_single_operands`, computed."""
+
+        if name == self.training_task:
+            if self.lora_A is not None:
                 return self.lora_A.t(), self.scale * self.lora_B.t()  # lora_A.t(): already k-major
-            WA, Ea, WB, Eb = self._factors_in(name)
-            if Ea.shape[1] < WA.shape[1]:
-                # Aᵀ = Eaᵀ WAᵀ built contiguous: A = Aᵀ.t() has the k-major storage of gemm_layout
-                return (Ea.t() @ WA.t()).t(), self.scale * (Eb.t() @ WB.t())
-            WA = self._U_for_gemm() if WA is self.U else gemm_layout(WA)
-            return WA, self.scale * (Ea @ Eb.t()) @ WB.t()
-
-        return forward_cache(self).get("single", sources, (name, self.training_task, self.scale), compute)
+            ea, eb, ea_tmp = self.eps_a[name], self.eps_b[name], self.eps_a_tmp
+            if ea_tmp is not None and ea.shape[1] < ea.shape[0] + ea_tmp.shape[0]:
+                # the factors of a training step, A = U ea + U_tmp ea_tmp, B likewise, with no
+                # concatenation (fewer ops and autograd nodes: a step recomputes them)
+                Ut = self._U_for_gemm().t()  # (k, d_in), contiguous
+                At = torch.addmm(ea_tmp.t() @ self.U_tmp.t(), ea.t(), Ut)
+                eb_tmp, s = self.eps_b_tmp, self.scale
+                Ct = torch.addmm(eb_tmp.t() @ self.V_tmp.t(), eb.t(), self.V.t(), beta=s, alpha=s)
+                return At.t(), Ct
+        WA, Ea, WB, Eb = self._factors_in(name)
+        if Ea.shape[1] < WA.shape[1]:
+            # Aᵀ = Eaᵀ WAᵀ built contiguous: A = Aᵀ.t() has the k-major storage of gemm_layout
+            return (Ea.t() @ WA.t()).t(), self.scale * (Eb.t() @ WB.t())
+        WA = self._U_for_gemm() if WA is self.U else gemm_layout(WA)
+        return WA, self.scale * (Ea @ Eb.t()) @ WB.t()
 
     def _merged_weight(self, name: str) -> Optional[Tensor]:
         """``W + delta_weight(name)`` (computed in fp32 or wider, stored in W's dtype), cached;

@@ -29,13 +29,12 @@ def lowrank_linear_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     ``t·C`` is added in place into ``F.linear``'s fresh output (one GEMM with beta = 1), not by a
     second pass over (M, d_out): 3-5 % of a CPU inference forward of a MiniLM-sized model.
     """
-    y = F.linear(x, weight, bias)
-    t = x @ U
-    if y.is_contiguous() and t.is_contiguous():
-        rows = math.prod(y.shape[:-1])  # not -1: a view cannot infer it when d_out or k is 0
-        y.view(rows, y.shape[-1]).addmm_(t.view(rows, t.shape[-1]), C)
-        return y
-    return y + t @ C
+    if x.dim() != 2:
+        # 2-D in place, then one view: an in-place op on a view of the output would make autograd
+        # copy the whole gradient in the backward (CopySlices)
+        y = lowrank_linear_reference(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), weight, bias, U, C)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias).addmm_(x @ U, C)
 
 
 def check_lowrank_linear_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], U: Tensor, C: Tensor) -> None:
