@@ -65,6 +65,6 @@ TORCH_LIBRARY(share_kernels, m) {
   // which owns their schemas, checks and autograd). (loss, dA, dB); dA, dB undefined (None)
   // without grad_out.
   m.def("_stability_loss_cpu(Tensor A, Tensor B, Tensor prev_delta, float alpha, Tensor? grad_out) -> (Tensor, Tensor, Tensor)");
-  // Private: the CPU kernel's float tanh and 1 - tanh², exposed for its accuracy test.
-  m.def("_tanh_cpu(Tensor x) -> (Tensor, Tensor)");
+  // Private: the CPU kernel's float tanh, exposed for its accuracy test: (tanh x, 1 - tanh² x, tanh y).
+  m.def("_tanh_cpu(Tensor x, Tensor y) -> (Tensor, Tensor, Tensor)");
 }
