@@ -53,8 +53,8 @@ constexpr float kE0 = 0.4999999403953552f, kE1 = 0.1666652113199234f, kE2 = 0.04
 constexpr float kLog2e = 1.44269504088896341f;
 // ln 2 split in two: n * kLn2Hi is exact for the |n| <= 127 that occur (kLn2Hi has 16 significant bits).
 constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187e-06f;
-// -2|x| is clamped here: e^-87 is still a normal float, and 1 - tanh² = 4 e^-87 < 1e-37 beyond.
-constexpr float kExpArgMin = -87.0f;
+// |x| is clamped here: e^-87 is still a normal float, and 1 - tanh² = 4 e^-87 < 1e-37 beyond.
+constexpr float kAbsMax = 43.5f;
 
 SK_INLINE float bits_to_float(uint32_t i) {
   float f;
@@ -72,15 +72,18 @@ SK_INLINE uint32_t float_to_bits(float f) {
 // sum's low mantissa bits (bits(kRound + n) = bits(kRound) + n).
 constexpr float kRound = 12582912.0f;
 
-// For y = -2|x|: m = e^y - 1 (expm1, to ~1e-7 relative for every y, tiny ones included) and
-// e = e^y. y = n ln2 + f with |f| <= ln2 / 2, e^y = 2^n (1 + q), q = f + f² p(f), and
-// m = 2^n q + (2^n - 1): for n = 0 that is q itself (no cancellation near 0), for n < 0 the
-// result is below -0.29 and the sum loses nothing. 2^n is built from n's bits in the rounded
-// float, not by a float-to-int conversion, so a NaN x runs through (as NaN) without undefined
-// behaviour or a select.
-SK_INLINE void expm1_neg(float x, float& m, float& e) {
-  float y = -2.0f * std::fabs(x);
-  y = y < kExpArgMin ? kExpArgMin : y;
+constexpr uint32_t kSignBit = 0x80000000u, kAbsMask = 0x7fffffffu, kInfBits = 0x7f800000u, kNaNBits = 0x7fc00000u;
+
+// For |x| given by its bits (sign cleared): m = e^y - 1 (expm1, to ~1e-7 relative for every y, tiny
+// ones included) and e = e^y, y = -2|x|. |x| is clamped to kAbsMax by an integer min on its bits
+// (inf and NaN included: the caller restores NaN). y = n ln2 + f with |f| <= ln2 / 2,
+// e^y = 2^n (1 + q), q = f + f² p(f), and m = 2^n q + (2^n - 1): for n = 0 that is q itself (no
+// cancellation near 0), for n < 0 the result is below -0.29 and the sum loses nothing. 2^n is built
+// from n's bits in the rounded float. Only arithmetic and an integer min (no float compare whose
+// select GCC could turn into a branch): a loop over it vectorizes on every x86 level.
+SK_INLINE void expm1_neg(uint32_t abs_bits, float& m, float& e) {
+  const float ax = bits_to_float(std::min(abs_bits, float_to_bits(kAbsMax)));
+  const float y = -2.0f * ax;
   const float rounded = y * kLog2e + kRound;
   const float n = rounded - kRound;
   const float f = (y - n * kLn2Hi) - n * kLn2Lo;
@@ -90,22 +93,31 @@ SK_INLINE void expm1_neg(float x, float& m, float& e) {
   e = s + s * q;
 }
 
+// A quiet NaN's bits if |x| (given by its bits) is NaN, else 0. Sign arithmetic rather than a
+// compare: with a compare GCC threads the NaN case through expm1_neg's clamp into a branch, and the
+// loop no longer vectorizes for AVX2.
+SK_INLINE uint32_t nan_bits(uint32_t abs_bits) {
+  return static_cast<uint32_t>(static_cast<int32_t>(kInfBits - abs_bits) >> 31) & kNaNBits;
+}
+
 // Two tanh at once, sharing one division: td = tanh(xd), cd = 1 - tanh²(xd), tp = tanh(xp), each
-// to ~3e-7 relative for every float (cd: while |xd| < 43.5; beyond, cd < 1e-37). A NaN in either
-// input makes all three NaN (in the kernel both belong to one element of D, whose loss and G are
-// NaN anyway). With m = e^{-2|x|} - 1 and v = 1 / (2 + m):  tanh|x| = -m v,  1 - tanh² = 4 e^{-2|x|} v²
-// ((1 - t)(1 + t) written without cancellation). 2 + m lies in [1, 2], so the one reciprocal of
-// (2 + m_d)(2 + m_p) gives both v. No branches: a loop over this vectorizes.
+// to ~3e-7 relative for every float (cd: while |xd| < 43.5; beyond, cd < 1e-37); NaN gives NaN
+// (in that output only). With m = e^{-2|x|} - 1 and v = 1 / (2 + m):  tanh|x| = -m v,
+// 1 - tanh² = 4 e^{-2|x|} v²  ((1 - t)(1 + t) written without cancellation). 2 + m lies in [1, 2],
+// so the one reciprocal of (2 + m_d)(2 + m_p) gives both v. Signs and NaN go in as bits.
 SK_INLINE void tanh_pair(float xd, float xp, float& td, float& cd, float& tp) {
+  const uint32_t bd = float_to_bits(xd), bp = float_to_bits(xp);
+  const uint32_t ad = bd & kAbsMask, ap = bp & kAbsMask;
+  const uint32_t nan_d = nan_bits(ad), nan_p = nan_bits(ap);
   float md, ed, mp, ep;
-  expm1_neg(xd, md, ed);
-  expm1_neg(xp, mp, ep);
+  expm1_neg(ad, md, ed);
+  expm1_neg(ap, mp, ep);
   const float wd = 2.0f + md, wp = 2.0f + mp;
   const float inv = 1.0f / (wd * wp);
   const float vd = inv * wp;
-  td = std::copysign(-md * vd, xd);
-  tp = std::copysign(-mp * (inv * wd), xp);
-  cd = 4.0f * ed * (vd * vd);
+  td = bits_to_float((float_to_bits(md * vd) & kAbsMask) | (bd & kSignBit) | nan_d);
+  tp = bits_to_float((float_to_bits(mp * (inv * wd)) & kAbsMask) | (bp & kSignBit) | nan_p);
+  cd = bits_to_float(float_to_bits(4.0f * ed * (vd * vd)) | nan_d);
 }
 
 // Rows of D per register block: their D tiles share the loads of A, their dA updates one
