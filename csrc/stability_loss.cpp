@@ -4,12 +4,14 @@
 //   L = Σ w D²,  w = 1 - tanh(αD) tanh(αP),  D = B A            A (r, d_in), B (d_out, r), P (d_out, d_in)
 //   G = s (2 w D - α tanh(αP) (1 - tanh²(αD)) D²),  dA = Bᵀ G,  dB = G Aᵀ   (s: the upstream gradient)
 //
-// D and G are never formed whole. The rows of D are cut into chunks of a fixed size (a function of
-// the shape only), one chunk per task of at::parallel_for; inside a chunk the columns go in tiles
-// of kTile, and per (row, tile) one pass builds D's tile in an L1 buffer (r axpys from A's rows),
-// one fused loop turns it into the loss partial and G in place, and r dots / r axpys add G's share
-// to dB's row and to the chunk's dA partial. The chunks' loss partials (double) and dA partials
-// are summed in chunk order at the end, so the result is the same bits for every thread count.
+// D and G are never formed whole. The rows of D are cut into chunks of about kChunkElements
+// elements, and the chunks into at most kMaxSlots contiguous runs ("slots", the tasks of
+// at::parallel_for), both a function of the shape only. A slot runs its chunks in order into its
+// own loss (double) and dA partial; inside a chunk the columns go in tiles of kTile, and per block
+// of kRows rows and tile one pass builds D's tile in an L1 buffer from A's rows, one fused loop
+// turns it into the loss and G in place, and one pass per rank adds G's share to the dA partial and
+// to dB's dots. The slots' partials are summed in slot order at the end, so the result is the same
+// bits for every thread count; the partials cost at most kMaxSlots x r x d_in floats.
 // Everything is fp32 (fp16 / bf16 inputs are upcast: A and B once, P per chunk); fp64 inputs stay
 // on the Python reference.
 //
@@ -41,10 +43,12 @@ namespace {
 
 // Columns per tile: D's tile and the tiles of A and of the dA partial (r rows each) stay in L1/L2.
 constexpr int64_t kTile = 256;
-// Elements of D per chunk (the unit of parallel work and of one dA partial), and at most this many
-// rows (bounds the chunk's dB scratch).
+// Elements of D per chunk, and at most this many rows (bounds the chunk's dB scratch and, for
+// fp16 / bf16 or strided P, its fp32 copy of P).
 constexpr int64_t kChunkElements = int64_t{1} << 16;
 constexpr int64_t kMaxChunkRows = 256;
+// Most units of parallel work, each with its own (r, d_in) fp32 dA partial.
+constexpr int64_t kMaxSlots = 16;
 
 // e^f = 1 + f + f² p(f), |f| <= ln2 / 2: p fitted (iteratively reweighted least squares on the
 // relative error of e^f, numpy, 2e4 points) to (e^f - 1 - f) / f²; its own error is 3e-9 relative.
@@ -271,42 +275,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stability_loss_cpu(const at::Tens
   const int64_t chunk_rows = std::clamp<int64_t>(kChunkElements / std::max<int64_t>(d_in, 1), 1, kMaxChunkRows);
   const int64_t chunks = d_out == 0 ? 0 : (d_out + chunk_rows - 1) / chunk_rows;
 
-  std::vector<double> losses(chunks, 0.0);
-  at::Tensor dA_parts = with_grad ? at::zeros({std::max<int64_t>(chunks, 1), r, lda}, f32) : at::Tensor();
+  const int64_t slots = std::min(chunks, kMaxSlots);  // slot s runs chunks [s chunks / slots, (s + 1) chunks / slots)
+
+  std::vector<double> losses(slots, 0.0);
+  at::Tensor dA_parts = with_grad ? at::zeros({std::max<int64_t>(slots, 1), r, lda}, f32) : at::Tensor();
   at::Tensor dB = with_grad ? at::empty({d_out, r}, f32) : at::Tensor();
   const Problem pb{A.data_ptr<float>(), B.data_ptr<float>(), r, d_in, lda, static_cast<float>(alpha), scale, with_grad};
 
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     std::vector<float> buf(kRows * kTile);
     std::vector<float> lanes;
     at::Tensor p_buf;
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t i0 = c * chunk_rows, rows = std::min(chunk_rows, d_out - i0);
-      const float* P;
-      int64_t ldp;
-      if (direct) {
-        P = P_in.data_ptr<float>() + i0 * P_in.stride(0);
-        ldp = P_in.stride(0);
-      } else {
-        if (!p_buf.defined()) p_buf = at::empty({chunk_rows, d_in}, f32);
-        at::Tensor blk = p_buf.narrow(0, 0, rows);
-        blk.copy_(P_in.narrow(0, i0, rows));
-        P = blk.data_ptr<float>();
-        ldp = d_in;
+    for (int64_t slot = begin; slot < end; ++slot) {
+      for (int64_t c = slot * chunks / slots; c < (slot + 1) * chunks / slots; ++c) {
+        const int64_t i0 = c * chunk_rows, rows = std::min(chunk_rows, d_out - i0);
+        const float* P;
+        int64_t ldp;
+        if (direct) {
+          P = P_in.data_ptr<float>() + i0 * P_in.stride(0);
+          ldp = P_in.stride(0);
+        } else {
+          if (!p_buf.defined()) p_buf = at::empty({chunk_rows, d_in}, f32);
+          at::Tensor blk = p_buf.narrow(0, 0, rows);
+          blk.copy_(P_in.narrow(0, i0, rows));
+          P = blk.data_ptr<float>();
+          ldp = d_in;
+        }
+        if (with_grad) lanes.assign(rows * r * kLanes, 0.0f);
+        chunk_kernel(pb, i0, rows, P, ldp, &losses[slot], with_grad ? dA_parts[slot].data_ptr<float>() : nullptr,
+                     with_grad ? dB.data_ptr<float>() + i0 * r : nullptr, lanes.data(), buf.data());
       }
-      if (with_grad) lanes.assign(rows * r * kLanes, 0.0f);
-      chunk_kernel(pb, i0, rows, P, ldp, &losses[c], with_grad ? dA_parts[c].data_ptr<float>() : nullptr,
-                   with_grad ? dB.data_ptr<float>() + i0 * r : nullptr, lanes.data(), buf.data());
     }
   });
 
   double total = 0.0;
-  for (double l : losses) total += l;  // chunk order: the same sum for every thread count
+  for (double l : losses) total += l;  // slot order: the same sum for every thread count
   at::Tensor loss = at::scalar_tensor(total, f32);
   if (!with_grad) return {loss, at::Tensor(), at::Tensor()};
   at::Tensor dA = dA_parts[0];
-  for (int64_t c = 1; c < chunks; ++c) dA.add_(dA_parts[c]);
+  for (int64_t c = 1; c < slots; ++c) dA.add_(dA_parts[c]);
   return {loss, dA.narrow(1, 0, d_in).to(A_in.scalar_type(), /*non_blocking=*/false, /*copy=*/true).contiguous(),
           dB.to(B_in.scalar_type())};
 }

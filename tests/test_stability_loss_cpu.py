@@ -80,8 +80,9 @@ def test_zero_and_saturating_alpha(alpha):
 
 
 def test_same_bits_for_one_and_two_threads():
-    """The row-chunk partition and the order of the partial sums depend only on the shape."""
-    A, B, P = make(5, 1000, 200)  # 4 row chunks of 65 rows (and one of 5)
+    """The partition of the rows (chunks, and runs of chunks per parallel task) and the order of
+    the partial sums depend only on the shape."""
+    A, B, P = make(5, 1000, 1100)  # 17 row chunks of 65 rows (the last of 60) in 16 runs
     g = torch.tensor(0.7)
     before = torch.get_num_threads()
     try:
