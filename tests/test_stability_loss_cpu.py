@@ -37,10 +37,11 @@ def test_cpu_kernel_comes_from_the_extension(monkeypatch):
             share_kernels.stability_loss(A, B, P, 2.0)
 
 
-# (r, d_in, d_out, noncontig): 4097 columns = 16 tiles of 256 + 1; 3 x 4097 x 59 = 4 row chunks
-# (2^16 elements each, the last one short); r = 1; a 2-D problem with one column.
+# (r, d_in, d_out, noncontig): 4097 columns = 16 tiles of 256 + 1, 59 rows = 4 row chunks of 15
+# (the last of 14); r = 1; r = 70 > 64 (D formed in two slices of ranks); one column.
 SHAPES = [
     (8, 4097, 59, False),
+    (70, 131, 33, False),
     (1, 59, 37, False),
     (3, 300, 130, True),
     (16, 257, 70, False),
