@@ -2,6 +2,7 @@
 evaluation, its own float tanh over a dense sweep of floats, thread-count independence, and the
 pure-PyTorch fallback when the kernel is not there."""
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -163,9 +164,13 @@ def test_zero_sizes(r, d_in, d_out):
 
 
 def test_fallback_without_the_kernel_is_the_reference(monkeypatch):
-    """With the kernel unavailable (no extension, or one built without it) every op runs the
-    reference: the same bits as calling it."""
-    monkeypatch.setattr(sl, "_cpu_kernel", False)
+    """Without the extension (as :mod:`share_kernels._ext` records it after its one warning) every
+    op runs the reference, with no second warning: the same bits as calling it."""
+    monkeypatch.setattr(_ext, "state", "missing")
+    monkeypatch.setattr(sl, "_cpu_kernel", None)  # decided again on the next call
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not sl._cpu_kernel_loaded()
     A, B, P = make(4, 50, 30)
     a = A.clone().requires_grad_()
     loss = share_kernels.stability_loss(a, B, P, 2.0)
