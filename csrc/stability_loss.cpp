@@ -139,9 +139,10 @@ struct Problem {
 };
 
 // One chunk of rows [i0, i0 + rows): P points at the chunk's first row (row stride ldp). Adds the
-// chunk's loss to *loss. With gradients (pb.grad): dA is the chunk's own (r, lda) partial (zeroed), dB the
-// chunk's rows of dB ((rows, r) contiguous), lanes (rows, r, kLanes) zeroed scratch for dB's dots
-// (their lanes are summed once per chunk, not once per tile). buf: kRows x kTile floats.
+// chunk's loss to *loss. With gradients (pb.grad): adds to dA, the (r, lda) partial of the chunk's
+// run; writes dB, the chunk's rows of dB ((rows, r) contiguous); lanes (rows, r, kLanes) is zeroed
+// scratch for dB's dots (their lanes are summed once per chunk, not once per tile).
+// buf: kRows x kTile floats.
 SK_TARGET_CLONES
 void chunk_kernel(const Problem& pb, int64_t i0, int64_t rows, const float* P, int64_t ldp, double* loss,
                   float* __restrict dA, float* __restrict dB, float* __restrict lanes, float* __restrict buf) {
