@@ -1,5 +1,6 @@
 // Schemas of the share_kernels extension ops, and the input checks the kernels share.
-// The CPU and CUDA kernels register themselves in projection.cpp and cuda/projection.cu.
+// The CPU and CUDA kernels register themselves in projection.cpp and cuda/projection.cu;
+// stability_loss.cpp registers the CPU kernel that the Python stability_loss ops call.
 #include <Python.h>
 
 #include <c10/util/Exception.h>
@@ -60,4 +61,10 @@ TORCH_LIBRARY(share_kernels, m) {
   m.set_python_module("share_kernels.ops.project_complement");
   m.def("project_complement(Tensor X, Tensor M, str mode=\"remove\") -> Tensor");
   m.def("project_complement_grouped(Tensor[] Xs, Tensor[] Ms, str mode=\"remove\") -> Tensor[]");
+  // Private: the CPU kernel behind the stability_loss ops (share_kernels/ops/stability_loss.py,
+  // which owns their schemas, checks and autograd). (loss, dA, dB); dA, dB undefined (None)
+  // without grad_out.
+  m.def("_stability_loss_cpu(Tensor A, Tensor B, Tensor prev_delta, float alpha, Tensor? grad_out) -> (Tensor, Tensor, Tensor)");
+  // Private: the CPU kernel's float tanh, exposed for its accuracy test: (tanh x, 1 - tanh² x, tanh y).
+  m.def("_tanh_cpu(Tensor x, Tensor y) -> (Tensor, Tensor, Tensor)");
 }

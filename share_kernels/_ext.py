@@ -98,7 +98,7 @@ def _load() -> str:
             reason = f"no prebuilt share_kernels._C, and building it failed: {type(e).__name__}: {first_line}"
     warnings.warn(
         f"share_kernels: the compiled extension is unavailable ({reason}); "
-        "project_complement runs its pure-PyTorch reference",
+        "project_complement and stability_loss (on CPU) run their pure-PyTorch references",
         RuntimeWarning,
         stacklevel=3,
     )

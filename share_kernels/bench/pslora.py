@@ -1,7 +1,7 @@
 """Benchmark of PS-LoRA's pieces.
 
 1. ``stability_loss`` forward + backward (grads of A and B) at r = 16: the op (Triton tile
-   kernel on CUDA, the chunked reference on CPU) against the naive PyTorch a user writes
+   kernel on CUDA, the extension's C++ kernel on CPU) against the naive PyTorch a user writes
    (dense D, autograd), time and peak memory, in the same run.
 2. ``PSLoRALinear``'s forward: the merged weight copy ``W + prev_delta`` it keeps, against
    forming ``W + prev_delta`` on every call (the alternative design), at a decode-sized and a
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.lowrank_linear import lowrank_linear
-from ..ops.stability_loss import stability_loss
+from ..ops.stability_loss import _cpu_kernel_loaded, stability_loss
 from . import model as perf
 from .common import peak_memory_bytes, rotating, time_ms
 
@@ -100,7 +100,11 @@ def loss_rows(device, ds, dtypes, budget, echo) -> list[dict]:
             row["naive/fused mem"] = row["naive peak MB"] / max(row["fused peak MB"], 1e-9)
             cost = perf.stability_loss_train(d, d, RANK, perf.elt_size(dtype))
             row.update(perf.columns(cost, row["fused ms"], device))
-            cpu_note = "fused = chunked reference (CPU path)"
+            cpu_note = (
+                "fused = C++ kernel (csrc/stability_loss.cpp)"
+                if dtype != torch.float64 and _cpu_kernel_loaded()
+                else "fused = chunked reference (CPU path)"
+            )
             row["note"] = "fused = Triton tile kernel" if device.type == "cuda" else cpu_note
             echo(f"  {row['case']} {row['dtype']}: fused {row['fused ms']:.3g} ms, naive {row['naive ms']:.3g} ms")
             rows.append(row)

@@ -22,15 +22,21 @@ tile by tile in registers, nothing of size d_out x d_in is written. The ops:
 
 The Python wrapper :func:`stability_loss` (what users and the layer call) takes the one-pass op
 when A or B needs a gradient (the training step: half the passes over P), the forward-only op
-otherwise. CPU runs :func:`stability_loss_reference` in all of them.
+otherwise. CPU runs the compiled extension's kernel (``csrc/stability_loss.cpp``, the private op
+``share_kernels::_stability_loss_cpu``: row chunks in parallel, column tiles in L1, one fused
+vectorized loop with its own float tanh, fp32 for fp32 / fp16 / bf16 inputs, the same bits for
+every thread count) in all of them; float64 inputs, and every input when the extension is missing
+(after one warning), run :func:`stability_loss_reference`.
 """
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
 
+from .. import _ext
 from .._utils import check_flag, check_float_dtypes, check_ndim, check_same_device, check_tensors, shape_str, use_triton
 
 _OP = "stability_loss"
@@ -119,6 +125,42 @@ def check_stability_loss_inputs(A: Tensor, B: Tensor, prev_delta: Tensor, alpha:
         raise ValueError(f"{_OP}: alpha must be a finite number >= 0; got {alpha!r}")
 
 
+#: Input dtypes the extension's CPU kernel takes (fp32 compute); float64 runs the reference.
+CPU_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+_cpu_kernel: bool | None = None
+
+
+def _cpu_kernel_loaded() -> bool:
+    """Whether the extension, and in it this op's CPU kernel, is loaded (decided once per process).
+    :mod:`share_kernels._ext` warns once when there is no extension; an extension built before the
+    kernel existed gets its own warning."""
+    global _cpu_kernel
+    if _cpu_kernel is None:
+        found = _ext.load() and hasattr(torch.ops.share_kernels, "_stability_loss_cpu")
+        if _ext.state != "missing" and not found:
+            warnings.warn(
+                "share_kernels: the compiled extension has no _stability_loss_cpu kernel (built from older "
+                "sources? rebuild it); stability_loss runs its pure-PyTorch reference on CPU",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        _cpu_kernel = found
+    return _cpu_kernel
+
+
+def _cpu(A: Tensor, B: Tensor, prev_delta: Tensor, alpha: float, grad_out: Tensor | None = None):
+    """``(loss, dA, dB)`` off the Triton path: the extension's CPU kernel for CPU fp32 / fp16 / bf16
+    inputs, :func:`stability_loss_reference` otherwise (float64, CUDA beyond the fused ranks, no
+    extension). dA and dB are None without ``grad_out``."""
+    if A.device.type == "cpu" and A.dtype in CPU_KERNEL_DTYPES and _cpu_kernel_loaded():
+        g = None if grad_out is None else grad_out.reshape(())
+        loss, dA, dB = torch.ops.share_kernels._stability_loss_cpu(A, B, prev_delta, float(alpha), g)
+        return (loss, None, None) if grad_out is None else (loss, dA, dB)
+    return stability_loss_reference(A, B, prev_delta, alpha, grad_out=grad_out)
+
+
 def _fused(A: Tensor, B: Tensor, prev_delta: Tensor) -> bool:
     from ..kernels.stability_loss import MAX_FUSED_RANK
 
@@ -129,7 +171,7 @@ def _fused(A: Tensor, B: Tensor, prev_delta: Tensor) -> bool:
 def _stability_loss_op(A: Tensor, B: Tensor, prev_delta: Tensor, alpha: float) -> Tensor:
     check_stability_loss_inputs(A, B, prev_delta, alpha)
     if not _fused(A, B, prev_delta):
-        return stability_loss_reference(A, B, prev_delta, alpha)[0]
+        return _cpu(A, B, prev_delta, alpha)[0]
     from ..kernels.stability_loss import stability_loss_forward
 
     return stability_loss_forward(A, B, prev_delta, alpha)[0]
@@ -147,7 +189,7 @@ def _stability_loss_backward_op(
 ) -> tuple[Tensor, Tensor]:
     """(dA, dB) = grad_out * (Bᵀ G, G Aᵀ), in A's and B's dtype; ``grad_out`` 0-dim."""
     if not _fused(A, B, prev_delta):
-        _, dA, dB = stability_loss_reference(A, B, prev_delta, alpha, grad_out=grad_out)
+        _, dA, dB = _cpu(A, B, prev_delta, alpha, grad_out=grad_out)
         return dA, dB
     from ..kernels.stability_loss import stability_loss_forward
 
@@ -187,7 +229,7 @@ def _stability_loss_and_grad_op(
     check_stability_loss_inputs(A, B, prev_delta, alpha)
     one = torch.ones((), device=A.device, dtype=_acc_dtype(A.dtype))
     if not _fused(A, B, prev_delta):
-        return stability_loss_reference(A, B, prev_delta, alpha, grad_out=one)
+        return _cpu(A, B, prev_delta, alpha, grad_out=one)
     from ..kernels.stability_loss import stability_loss_forward
 
     loss, dA, dB = stability_loss_forward(A, B, prev_delta, alpha, grad_out=one)
@@ -219,7 +261,7 @@ _stability_loss_and_grad_op.register_autograd(_backward_fused, setup_context=_se
 
 
 def stability_loss(A: Tensor, B: Tensor, prev_delta: Tensor, alpha: float) -> Tensor:
-    """``sum((1 - tanh(alpha * B@A) * tanh(alpha * prev_delta)) * (B@A)**2)``, fused on CUDA.
+    """``sum((1 - tanh(alpha * B@A) * tanh(alpha * prev_delta)) * (B@A)**2)``, fused on CUDA and CPU.
 
     When A or B needs a gradient, loss and gradients come from one pass over ``prev_delta``
     (``stability_loss_and_grad``; the backward scales them by the upstream gradient, first order
