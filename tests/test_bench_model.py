@@ -49,7 +49,7 @@ def test_vs_peft_suite_is_registered_and_runs_quick():
     assert SUITES["vs_peft"] == "share_kernels.bench.vs_peft"
     rows = vs_peft.run(torch.device("cpu"), "quick", echo=lambda *a: None)
     cases = [r["case"] for r in rows]
-    for kind in ("train", "train fused-AdamW", "infer"):
+    for kind in ("train", "train fused-AdamW", "train big-batch", "infer"):
         for v in ("peft lora", "share k=8", "share k=32", "inflora", "pslora"):
             assert f"{kind} {v}" in cases
     assert "infer share k=32 merged" in cases and "train pslora no loss" in cases

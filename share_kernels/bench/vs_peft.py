@@ -16,6 +16,8 @@ Rows (inputs: random token ids; the loss the mean square of the last hidden stat
   step without the loss) against peft's LoRA step; ``train fused-AdamW`` the same with
   ``AdamW(fused=True)`` for every variant (torch's default AdamW steps the parameter tensors
   one by one on a CPU, which charges Share's 6 tensors per layer against peft's 2);
+  ``train big-batch`` the default-AdamW step at 16 x 128 tokens (8x the tokens: the work that
+  is per step, not per token, weighs 8x less);
 * ``infer``: a forward under ``torch.inference_mode()`` with one finished task selected against
   peft's forward with its adapter active (also Share k=32 with ``set_merged_inference``: one
   ``F.linear`` on a cached ``W + dW``);
@@ -215,7 +217,7 @@ def run(device: torch.device, preset: str = "full", echo=print) -> list[dict]:
     shares = {n: _share(base, k) for n, k in ks.items()}
     inf_model, inf_learner, _ = _inflora(base, ids)
     ps_model, ps_learner = _pslora(base)
-    def train_fns(fused: bool) -> dict[str, Callable[[], None]]:
+    def train_fns(fused: bool, ids=ids) -> dict[str, Callable[[], None]]:
         peft_params = [p for p in peft_model.parameters() if p.requires_grad]
         fns = {"peft lora": _train_fn(peft_model.train(), peft_params, ids, fused=fused)}
         for n, (m, lr) in shares.items():
@@ -243,6 +245,23 @@ def run(device: torch.device, preset: str = "full", echo=print) -> list[dict]:
         n0 = len(rows)
         rows += _rows(case, times, "peft lora", f"{batch}x{seq}", models, device)
         echo(f"  {case}: " + ", ".join(f"{r['case'][len(case) + 1:]} {r['vs peft']:.3g}x" for r in rows[n0:]))
+
+    # A step of 8x as many tokens (default AdamW): what scales with the tokens grows 8x, what does
+    # not (the optimizer over the adapter tensors, PS-LoRA's stability loss over every weight
+    # element, Share's factor rebuild) stays, so the ratios show how much of the gap is per step.
+    big_batch, big_seq = (2, 16) if quick else (16, 128)
+    ids_big = torch.randint(0, vocab, (big_batch, big_seq), generator=gen).to(device)
+    big_models = {
+        n: perf.bert_model(
+            "pslora" if n == "pslora" else "share" if n.startswith("share") else "lora",
+            big_batch * big_seq, big_seq, min(R, ks[n] + 2) if n in ks else R, train=True, **shape,
+        )
+        for n in models
+    }
+    times = alternate(train_fns(False, ids_big), 3 if quick else 5, device)
+    n0 = len(rows)
+    rows += _rows("train big-batch", times, "peft lora", f"{big_batch}x{big_seq}", big_models, device)
+    echo("  train big-batch: " + ", ".join(f"{r['case'][16:]} {r['vs peft']:.3g}x" for r in rows[n0:]))
 
     # finish every task in training; the forward then serves one finished task
     for n, (m, lr) in shares.items():
