@@ -317,7 +317,6 @@ class ShareLinear(TaskLayer):
 
     def _operands_of(self, name: str) -> tuple[Tensor, Tensor]:
         """:meth:`_single_operands`, computed."""
-
         if name == self.training_task:
             if self.lora_A is not None:
                 return self.lora_A.t(), self.scale * self.lora_B.t()  # lora_A.t(): already k-major
@@ -325,7 +324,7 @@ class ShareLinear(TaskLayer):
             if ea_tmp is not None and ea.shape[1] < ea.shape[0] + ea_tmp.shape[0]:
                 # the factors of a training step, A = U ea + U_tmp ea_tmp, B likewise, with no
                 # concatenation (fewer ops and autograd nodes: a step recomputes them)
-                Ut = self._U_for_gemm().t()  # (k, d_in), contiguous
+                Ut = self._U_for_gemm().t()  # (k, d_in), contiguous on a CPU
                 At = torch.addmm(ea_tmp.t() @ self.U_tmp.t(), ea.t(), Ut)
                 eb_tmp, s = self.eps_b_tmp, self.scale
                 Ct = torch.addmm(eb_tmp.t() @ self.V_tmp.t(), eb.t(), self.V.t(), beta=s, alpha=s)
