@@ -180,23 +180,3 @@ def test_fallback_without_the_kernel_is_the_reference(monkeypatch):
     with torch.no_grad():
         assert torch.equal(share_kernels.stability_loss(A, B, P, 2.0), ref)
 
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_eager_cpu_path_equals_the_ops(dtype):
-    """share_kernels.stability_loss on CPU calls the kernel without the custom op's dispatch: the
-    same loss and gradients, bit for bit, as the op stability_loss_and_grad, the upstream gradient
-    applied; a double backward is refused as on the op."""
-    A, B, P = make(5, 70, 33, dtype)
-    A.requires_grad_()
-    B.requires_grad_()
-    eager = share_kernels.stability_loss(A, B, P, 3.0)
-    assert eager.grad_fn is not None and "EagerLossAndGrad" in type(eager.grad_fn).__name__
-    (eager * 0.5).backward()
-    ga, gb = A.grad.clone(), B.grad.clone()
-    A.grad = B.grad = None
-    op = torch.ops.share_kernels.stability_loss_and_grad(A, B, P, 3.0)[0]
-    (op * 0.5).backward()
-    assert torch.equal(eager, op) and torch.equal(ga, A.grad) and torch.equal(gb, B.grad)
-    loss = share_kernels.stability_loss(A, B, P, 3.0)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(loss, A, create_graph=True)

@@ -24,7 +24,8 @@ mix. Two threads that miss at once both compute; either result is correct.
 
 Under ``torch.compile`` the cache is bypassed (the compiled graph computes the operand).
 
-The cache holds only small tensors (k x d and smaller); it is not module state (no
+The cache holds small tensors (k x d and smaller), except the gathered base-weight rows of a
+layer adapted on several output slices (n_a x d_in, ``nn.common.base_rows``); it is not module state (no
 ``state_dict`` entry, not moved by ``.to``: a moved layer just rebuilds it) and a copy of the
 layer (``copy.deepcopy``) starts with an empty one.
 """

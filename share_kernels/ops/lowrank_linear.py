@@ -27,9 +27,9 @@ def lowrank_linear_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     """Pure PyTorch in the inputs' dtype: the CPU path and the oracle of tests and benchmarks.
 
     ``t·C`` is added in place into ``F.linear``'s fresh output (one GEMM with beta = 1), not by a
-    second pass over (M, d_out): 3-5 % of a CPU inference forward of a MiniLM-sized model. The
-    shrink is computed as ``tᵀ = Uᵀ xᵀ``: CPU BLAS runs the (k, d_in) x (d_in, M) product about
-    1.7x faster than x (M, d_in) times a k-column U (M = 256, d_in = 384 / 1536, k = 8).
+    second pass over (M, d_out). The shrink is computed as ``tᵀ = Uᵀ xᵀ``: CPU BLAS runs the
+    (k, d_in) x (d_in, M) product about 1.7x faster than x (M, d_in) times a k-column U
+    (M = 256, d_in = 384 / 1536, k = 8; ``python benchmarks/cpu_parts.py``).
     """
     if x.dim() != 2:
         # 2-D in place, then one view: an in-place op on a view of the output would make autograd

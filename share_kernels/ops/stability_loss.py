@@ -275,38 +275,6 @@ def stability_loss(A: Tensor, B: Tensor, prev_delta: Tensor, alpha: float) -> Te
         0-dim float32 (float64 for float64 inputs), differentiable in A and B.
     """
     _check_argument_types(A, B, prev_delta, alpha)
-    with_grad = torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)
-    if (
-        A.device.type == "cpu"
-        and A.dtype in CPU_KERNEL_DTYPES
-        and not torch.compiler.is_compiling()
-        and not torch.is_autocast_enabled("cpu")
-        and not _fused(A, B, prev_delta)
-        and _cpu_kernel_loaded()
-    ):
-        # Eager CPU: the kernel without the custom ops' Python dispatch and autograd wrappers
-        # (~0.16 ms per forward + backward, 5 ms per step of a 36-layer model); same checks, same
-        # kernel. torch.compile still sees the ops; under autocast they run (their rule casts).
-        check_stability_loss_inputs(A, B, prev_delta, alpha)
-        if with_grad:
-            return _EagerLossAndGrad.apply(A, B, prev_delta, alpha)
-        return _cpu(A, B, prev_delta, alpha)[0]
-    if with_grad:
+    if torch.is_grad_enabled() and (A.requires_grad or B.requires_grad):
         return torch.ops.share_kernels.stability_loss_and_grad(A, B, prev_delta, alpha)[0]
     return torch.ops.share_kernels.stability_loss(A, B, prev_delta, alpha)
-
-
-class _EagerLossAndGrad(torch.autograd.Function):
-    """The CPU kernel's one pass (loss and both gradients) as an autograd node: the backward
-    only scales the saved gradients (``stability_loss_and_grad``'s autograd, without the op)."""
-
-    @staticmethod
-    def forward(ctx, A, B, prev_delta, alpha):
-        one = torch.ones((), dtype=_acc_dtype(A.dtype))
-        loss, dA, dB = _cpu(A, B, prev_delta, alpha, grad_out=one)
-        ctx.save_for_backward(dA.to(A.dtype), dB.to(B.dtype))
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        return _backward_fused(ctx, grad_loss, None, None)
